@@ -1,0 +1,899 @@
+"""ProvenanceWriteQueue: write-behind for provenance appends, nothing lost.
+
+The recall path calls :meth:`ProvenanceWriteQueue.enqueue`, which validates the
+pairs, appends them to an in-memory FIFO and returns; a daemon worker thread
+coalesces them into batches for ``store.append_provenance_batch``.
+
+Guarantees
+==========
+1. **Store outages.** A failing write is retried with exponential backoff and
+   jitter (``retry_initial_s`` doubling up to ``retry_max_s``). Enqueue keeps
+   accepting meanwhile: memory up to ``max_queue_size`` pairs, then the spill
+   directory. When the store is back, every entry lands. An outage (every write
+   fails) never quarantines anything.
+2. **Poison pairs.** A failing batch is bisected. A single pair that fails
+   three times in a row while the pairs after it write is quarantined with the
+   error text (``spill.py`` owns the format); the rest land.
+3. **Exactly-once effect.** Each accepted pair gets an entry id: a per-queue
+   random prefix, the enqueue call's sequence number and the pair's index — no
+   uuid4 on the hot path. Retries and replays are flagged ``verify``; the store
+   skips ids it already has, and ``get()`` shows an id once.
+4. **Order.** Writes follow acceptance order. Once anything spills, later
+   entries spill behind it until the spill has drained, and spill files replay
+   oldest first; pairs spilled late (at stop) are named older than the files
+   already written. A queue that starts with spill files of its store waiting
+   also spills behind them.
+5. **Spill files** are durable and never half-visible; crash leftovers are
+   recovered at start (see ``spill.py``).
+6. **Several processes, one directory.** A live queue replays its own files;
+   files of dead writers are replayed by one process at a time (``flock``).
+7. **Lifecycle.** ``stop()`` drains for a bounded time, then spills what is
+   left (the batch being written included, flagged for verification). An
+   enqueue after ``stop()`` is written synchronously, or spilled when the store
+   fails or earlier entries are still spilled — never lost.
+8. **Fork.** In a child the queue starts empty with fresh locks; it starts a
+   worker on first use and never writes the parent's entries. The child must
+   open its own store: LanceDB does not survive ``fork()``.
+9. **Exit.** ``start()`` registers an ``atexit`` handler (``stop()`` removes it)
+   that waits at most ``exit_timeout`` seconds for the store, then spills.
+10. **Disk trouble.** When spilling fails (ENOSPC, EACCES, a read-only dir), the
+    entries stay in memory past ``max_queue_size`` up to ``max_memory_pairs``
+    while spilling is retried.
+
+The one drop path: an entry is dropped only when memory already holds
+``max_memory_pairs`` and the spill directory cannot be written, or when
+``stop()`` finds neither the store nor the directory able to take what is
+left. Each drop is counted in ``stats().dropped`` and logged at ERROR with the
+count. Entries still in memory when the process is SIGKILLed are lost: at most
+``max_memory_pairs``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import random
+import re
+import secrets
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
+from uuid import UUID
+
+from .events import RateLimiter, emit
+from .spill import BadLine, SpillDirectory, default_spill_dir, encode_line, parse_file
+from .store import ProvenanceBatch
+
+__all__ = ["ProvenanceWriteQueue", "QueueStats", "ProvenanceSink", "validate_pairs"]
+
+log = logging.getLogger("iai_queue.queue")
+
+_UUID_STR = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_NEVER = float("inf")
+_POISON_FAILURES = 3  # a single pair failing this often while later pairs write is poison
+
+_NEW, _RUNNING, _CLOSING, _STOPPED = "new", "running", "closing", "stopped"
+
+
+class ProvenanceSink(Protocol):
+    """What the queue writes to: a store's synchronous append."""
+
+    def append_provenance_batch(self, pairs: Sequence[tuple[UUID, dict]], records_cache: Any = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of one queue's counters (pairs unless named otherwise)."""
+
+    accepted: int
+    written: int
+    pending: int  # in memory, waiting for the store (the batch being written included)
+    spill_buffered: int  # in memory, waiting for the spill directory
+    spilled_files: int
+    spilled_pairs: int
+    replayed: int  # pairs written from spill files
+    quarantined_files: int
+    quarantined_lines: int
+    retries: int
+    store_errors: int
+    spill_errors: int
+    dropped: int
+    oldest_pending_age_s: float  # 0.0 when nothing is pending
+    last_batch_size: int
+    last_write_s: float
+
+
+def _bad_pair(i: int, p: Any) -> Exception:
+    if type(p) is not tuple and not isinstance(p, tuple):
+        return TypeError(f"pairs[{i}] must be a (UUID, dict) tuple, got {type(p).__name__}: {p!r:.200}")
+    if len(p) != 2:
+        return ValueError(f"pairs[{i}] must have 2 elements (UUID, dict), got {len(p)}: {p!r:.200}")
+    rid, entry = p
+    if isinstance(rid, str):
+        if not _UUID_STR.match(rid):
+            return ValueError(f"pairs[{i}][0] is not a canonical UUID string: {rid!r:.200}")
+    elif not isinstance(rid, UUID):
+        return TypeError(f"pairs[{i}][0] must be a UUID, got {type(rid).__name__}: {rid!r:.200}")
+    if not isinstance(entry, dict):
+        return TypeError(f"pairs[{i}][1] must be a dict, got {type(entry).__name__}: {entry!r:.200}")
+    return None
+
+
+def validate_pairs(pairs: Any) -> tuple:
+    """The pairs as a tuple of ``(UUID, dict)``; raises TypeError/ValueError naming the bad element."""
+    if not isinstance(pairs, list):
+        raise TypeError(f"pairs must be a list of (UUID, dict) tuples, got {type(pairs).__name__}: {pairs!r:.200}")
+    out = tuple(pairs)  # a copy: the caller may reuse its list
+    for p in out:
+        # The common case costs three type checks; anything else takes the slow path.
+        if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
+            break
+    else:
+        return out
+    normal = []
+    for i, p in enumerate(out):
+        exc = _bad_pair(i, p)
+        if exc is not None:
+            raise exc
+        rid, entry = p
+        normal.append((rid if isinstance(rid, UUID) else UUID(rid), entry))
+    return tuple(normal)
+
+
+class _GiveUp(Exception):
+    """The stop deadline passed while a batch was still unwritten."""
+
+
+class _Abandoned(Exception):
+    """stop() gave up on the worker and took over its batch: do nothing more."""
+
+
+class _Batch(ProvenanceBatch):
+    """A batch on its way to the store; ``done_seq``: every enqueue call up to it is in this batch or written."""
+
+    __slots__ = ("done_seq",)
+
+    def __init__(self, pairs, entry_ids, verify: bool = False, done_seq: int = 0):
+        super().__init__(pairs, entry_ids, verify)
+        self.done_seq = done_seq
+
+
+class _Chunk:
+    """Consecutive pairs of one enqueue call, in memory: ``pairs[start:]``."""
+
+    __slots__ = ("seq", "pairs", "start", "seen")
+
+    def __init__(self, seq: int, pairs: tuple, start: int = 0, seen: bool = False):
+        self.seq, self.pairs, self.start, self.seen = seq, pairs, start, seen
+
+    def __len__(self) -> int:
+        return len(self.pairs) - self.start
+
+
+_live_queues: "weakref.WeakSet[ProvenanceWriteQueue]" = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for q in list(_live_queues):
+        q._reinit_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+class ProvenanceWriteQueue:
+    """Write-behind queue for ``(record_id, entry)`` provenance pairs.
+
+    ``enqueue`` never blocks on the store or the disk; a daemon worker writes
+    coalesced batches through ``store.append_provenance_batch``, looked up at
+    call time so a wrapper installed on the instance takes effect.
+    """
+
+    def __init__(self, store: ProvenanceSink, *, coalesce_ms: float = 50, max_queue_size: int = 4096,
+                 max_batch_pairs: int = 256, spill_dir: str | os.PathLike[str] | None = None,
+                 max_memory_pairs: Optional[int] = None, exit_timeout: float = 2.0,
+                 retry_initial_s: float = 0.05, retry_max_s: float = 5.0, idle_replay_s: float = 5.0,
+                 replay_batch_pairs: int = 4096, spill_file_pairs: int = 8192):
+        for name, value in (("coalesce_ms", coalesce_ms), ("exit_timeout", exit_timeout),
+                            ("retry_initial_s", retry_initial_s), ("retry_max_s", retry_max_s),
+                            ("idle_replay_s", idle_replay_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        for name, value in (("max_queue_size", max_queue_size), ("max_batch_pairs", max_batch_pairs),
+                            ("replay_batch_pairs", replay_batch_pairs), ("spill_file_pairs", spill_file_pairs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if max_memory_pairs is None:
+            max_memory_pairs = 4 * max_queue_size
+        if isinstance(max_memory_pairs, bool) or not isinstance(max_memory_pairs, int) or max_memory_pairs < max_queue_size:
+            raise ValueError(f"max_memory_pairs must be an int >= max_queue_size ({max_queue_size}), got {max_memory_pairs!r}")
+        self._store = store
+        self.coalesce_s = coalesce_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.max_batch_pairs = max_batch_pairs
+        self.max_memory_pairs = max_memory_pairs
+        self.exit_timeout = exit_timeout
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = max(retry_max_s, retry_initial_s)
+        self.idle_replay_s = idle_replay_s
+        self.replay_batch_pairs = max(replay_batch_pairs, max_batch_pairs)
+        self.spill_file_pairs = spill_file_pairs
+        # Resolved now, not at first spill: the environment may change later.
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else default_spill_dir()
+        self._warn = RateLimiter()
+        self._init_state()
+        _live_queues.add(self)
+
+    def _init_state(self) -> None:
+        """Everything a forked child must not share with its parent."""
+        self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)  # flush() waits on it for _written_seq
+        self._wake = threading.Event()  # the worker waits on it for work, a flush, or stop
+        self._spill_wake = threading.Event()  # the spill thread waits on it for the spill buffer
+        self._pending: deque[_Chunk] = deque()
+        self._pending_pairs = 0
+        self._spill_buffer: deque[_Chunk] = deque()
+        self._spill_buffer_pairs = 0
+        self._spill_in_flight = 0  # pairs the spill thread is writing right now
+        self._spilling = False  # once set, new entries go behind the spill until it drains
+        self._spill_failing = False  # the last spill write failed; cleared by the next success
+        self._spill_room = threading.Condition(self._lock)  # enqueue waits on it for the spill thread
+        self._own_file_seq: dict[str, int] = {}  # our spill file name -> the last seq in it
+        self._wake_threshold: float = _NEVER  # enqueue wakes the worker when pending reaches this
+        self._flush_waiters = 0
+        self._next_seq = 1
+        self._written_seq = 0  # every enqueue call up to this seq is written (or quarantined/dropped)
+        self._state = _NEW
+        self._deadline = _NEVER  # stop(): when the worker gives up on the store
+        self._in_flight: Optional[deque] = None  # the batch being written, split as it is bisected
+        self._in_flight_on_disk = False
+        self._stop_requested = threading.Event()  # interrupts the spill thread's and worker's backoff
+        self._replay_skip: dict[str, float] = {}  # spill file -> monotonic time to try it again
+        self._abandoned = False
+        self._left_on_disk = False
+        self._worker: Optional[threading.Thread] = None
+        self._spiller: Optional[threading.Thread] = None
+        self._pending_since = 0.0
+        self._prefix = f"q{secrets.token_hex(4)}-"
+        self._spill = SpillDirectory(self.spill_dir, store_path=getattr(self._store, "path", None))
+        self._rows_since_maintain = 0
+        self._n = dict.fromkeys(("accepted", "written", "spilled_files", "spilled_pairs", "replayed",
+                                 "quarantined_files", "quarantined_lines", "retries", "store_errors",
+                                 "spill_errors", "dropped", "last_batch_size"), 0)
+        self._last_write_s = 0.0
+
+    def _reinit_after_fork(self) -> None:
+        # The parent's pending entries stay the parent's: the child starts empty,
+        # and starts a worker of its own on first enqueue if the parent's ran.
+        was_running = self._state in (_RUNNING, _CLOSING)
+        fd = self._spill._writer_fd
+        if fd is not None:
+            os.close(fd)  # the parent still holds its writer lock through its own fd
+            self._spill._writer_fd = None
+        self._init_state()
+        self._autostart = was_running
+
+    _autostart = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> "ProvenanceWriteQueue":
+        """Start the worker and spill threads and register the exit handler. Idempotent."""
+        with self._lock:
+            if self._state in (_RUNNING, _CLOSING):
+                return self
+            self._state = _RUNNING
+            self._abandoned = False
+            self._stop_requested.clear()
+            self._deadline = _NEVER
+            # Spill files of our store already waiting: new entries go behind them.
+            self._spilling = self._spilling or bool(self._spill.replayable())
+            self._worker = threading.Thread(target=self._run_worker, name="iai_queue-worker", daemon=True)
+            self._spiller = threading.Thread(target=self._run_spiller, name="iai_queue-spill", daemon=True)
+            self._worker.start()
+            self._spiller.start()
+        atexit.register(self._at_exit)
+        return self
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Drain, then stop. Blocks up to ``timeout`` seconds (default ``exit_timeout``) for the store.
+
+        What the store has not taken by then is spilled. Returns True when
+        everything accepted was written. Idempotent; ``start()`` works again after.
+        """
+        timeout = self.exit_timeout if timeout is None else timeout
+        atexit.unregister(self._at_exit)
+        with self._lock:
+            if self._state in (_STOPPED, _CLOSING):
+                return self._written_seq >= self._next_seq - 1
+            started = self._state == _RUNNING
+            self._state = _CLOSING
+            self._deadline = time.monotonic() + timeout
+        self._stop_requested.set()
+        self._wake.set()
+        with self._lock:
+            self._spill_room.notify_all()
+        worker, spiller = self._worker, self._spiller
+        if started and worker is not None and worker is not threading.current_thread():
+            worker.join(max(0.0, self._deadline - time.monotonic()) + 0.05)
+        with self._lock:
+            # From here a worker still stuck in the store does nothing more.
+            self._abandoned = True
+            older: list[_Chunk] = []
+            if self._in_flight and not self._in_flight_on_disk:
+                older += [_Chunk(-1, tuple(zip(b, b.entry_ids)), 0, True) for b in self._in_flight]
+            self._in_flight = None
+            older += self._pending
+            self._pending.clear()
+            self._pending_pairs = 0
+        if older:
+            self._spill_now(older, before_own_files=True)
+        if started and spiller is not None:
+            self._spill_wake.set()
+            spiller.join(max(1.0, self._deadline - time.monotonic()))
+        with self._lock:
+            rest = list(self._spill_buffer)
+            self._spill_buffer.clear()
+            self._spill_buffer_pairs = 0
+        if rest:  # the spill thread did not get to them (or never ran)
+            self._spill_now(rest)
+        with self._lock:
+            self._state = _STOPPED
+            self._left_on_disk = bool(self._spill.own_files())
+            done = self._written_seq >= self._next_seq - 1
+            self._written.notify_all()
+        self._spill.release()
+        if self._left_on_disk:
+            emit(log, logging.WARNING, "exit.spilled", dir=str(self.spill_dir))
+        return done
+
+    def _at_exit(self) -> None:
+        try:
+            self.stop(self.exit_timeout)
+        except BaseException:  # an exit handler must not raise
+            log.exception("exit handler failed")
+
+    def __enter__(self) -> "ProvenanceWriteQueue":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "ProvenanceWriteQueue":
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.start)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.astop()
+
+    async def astop(self, timeout: Optional[float] = None) -> bool:
+        """:meth:`stop` on a worker thread: the event loop keeps running."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.stop, timeout)
+
+    async def aflush(self, timeout: float = 2.0) -> bool:
+        """:meth:`flush` on a worker thread: the event loop keeps running."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.flush, timeout)
+
+    # -- the hot path ------------------------------------------------------------------
+
+    def enqueue(self, pairs: list) -> None:
+        """Accept ``pairs`` (a list of ``(UUID, dict)``) for writing; returns at once.
+
+        Never blocks on the store or the disk and never raises because of them.
+        Raises TypeError/ValueError naming the first bad element, and then
+        accepts nothing from this call. An empty list is a no-op.
+        """
+        items = validate_pairs(pairs)
+        n = len(items)
+        if not n:
+            return
+        with self._lock:
+            state = self._state
+            if state is _RUNNING or state is _CLOSING or (state is _NEW and not self._autostart):
+                seq = self._next_seq
+                self._next_seq = seq + 1
+                self._n["accepted"] += n
+                if not self._spilling and self._pending_pairs + n <= self.max_queue_size:
+                    if not self._pending_pairs:
+                        self._pending_since = time.monotonic()
+                    self._pending.append(_Chunk(seq, items))
+                    self._pending_pairs += n
+                    if self._pending_pairs >= self._wake_threshold:
+                        self._wake.set()
+                    return
+                self._overflow(_Chunk(seq, items))
+                return
+        self._enqueue_slow(items)
+
+    def _overflow(self, chunk: _Chunk) -> None:
+        """Behind the spill from now on (called with the lock held)."""
+        n = len(chunk)
+        self._spilling = True
+
+        def in_memory() -> int:
+            return self._pending_pairs + self._spill_buffer_pairs + self._spill_in_flight
+
+        # A healthy disk slower than the caller: wait for the spill thread (the
+        # one place enqueue waits, and only on a disk that is working).
+        while (in_memory() + n > self.max_memory_pairs and in_memory() and not self._spill_failing
+               and self._state is _RUNNING):
+            self._spill_room.wait(1.0)
+        if in_memory() + n > self.max_memory_pairs and in_memory():
+            # The single drop path: the disk is failing and memory is full.
+            self._n["dropped"] += n
+            self._written_seq_skip(chunk.seq)
+            emit(log, logging.ERROR, "drop", count=n, total_dropped=self._n["dropped"],
+                 reason="memory at max_memory_pairs and the spill directory is failing")
+            return
+        self._spill_buffer.append(chunk)
+        self._spill_buffer_pairs += n
+        self._spill_wake.set()
+
+    def _written_seq_skip(self, seq: int) -> None:
+        # A dropped call counts as done for flush() once everything before it is.
+        if self._written_seq == seq - 1:
+            self._written_seq = seq
+            self._written.notify_all()
+
+    def _enqueue_slow(self, items: tuple) -> None:
+        if self._state is _NEW and self._autostart:  # a forked child's first use
+            self._autostart = False
+            self.start()
+            self.enqueue(list(items))
+            return
+        # After stop(): write now on the caller's thread, or spill behind what is on disk.
+        eids = [f"{self._prefix}late{secrets.token_hex(4)}.{i}" for i in range(len(items))]
+        with self._lock:
+            self._n["accepted"] += len(items)
+        if not self._left_on_disk:
+            try:
+                self._store.append_provenance_batch(_Batch(items, eids), records_cache=None)
+                with self._lock:
+                    self._n["written"] += len(items)
+                return
+            except Exception as exc:
+                with self._lock:
+                    self._n["store_errors"] += 1
+                self._warn.emit(log, logging.WARNING, "write.failed", error=repr(exc)[:300], pairs=len(items))
+        self._left_on_disk = True
+        self._spill_now([_Chunk(0, tuple(zip(items, eids)), 0, True)])
+        self._spill.release()
+
+    # -- flush and stats ----------------------------------------------------------------
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Block until everything enqueued before this call is in the store, or ``timeout`` passes.
+
+        Returns True when it is, False on timeout (the entries are still
+        pending, in memory or on disk, and will be written). Safe from any thread.
+        """
+        with self._lock:
+            target = self._next_seq - 1
+            if self._written_seq >= target:
+                return True
+            self._flush_waiters += 1
+        self._wake.set()  # cut the coalescing window short
+        try:
+            with self._lock:
+                return self._written.wait_for(lambda: self._written_seq >= target, timeout)
+        finally:
+            with self._lock:
+                self._flush_waiters -= 1
+
+    def stats(self) -> QueueStats:
+        with self._lock:
+            n = dict(self._n)
+            in_flight = sum(len(b) for b in self._in_flight) if self._in_flight else 0
+            pending = self._pending_pairs + in_flight
+            age = time.monotonic() - self._pending_since if pending else 0.0
+            return QueueStats(pending=pending, spill_buffered=self._spill_buffer_pairs + self._spill_in_flight,
+                              oldest_pending_age_s=age, last_write_s=self._last_write_s, **n)
+
+    @property
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    # -- the worker ------------------------------------------------------------------
+
+    def _run_worker(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._deliver(batch)
+                with self._lock:
+                    self._in_flight = None
+                    if batch.done_seq > self._written_seq:
+                        self._written_seq = batch.done_seq
+                    self._written.notify_all()
+        except (_GiveUp, _Abandoned):
+            return
+        except BaseException:  # a bug: make it loud, stop() still spills what is left
+            log.exception("provenance worker crashed")
+
+    def _next_batch(self):
+        """The next batch from memory; does idle work while there is none. None: time to exit."""
+        coalesced = False
+        while True:
+            if self._abandoned:
+                return None
+            closing = self._state is not _RUNNING
+            if not self._pending_pairs:
+                if closing:
+                    return None
+                if self._idle_work():
+                    continue
+                self._wake_threshold = 1
+                self._wake.clear()
+                if not self._pending_pairs and self._state is _RUNNING:
+                    if not self._wake.wait(min(self.idle_replay_s, 1.0)):
+                        self._maintain()
+                self._wake_threshold = _NEVER
+                continue
+            if not coalesced and not closing and not self._flush_waiters and self._pending_pairs < self.max_batch_pairs:
+                coalesced = True
+                self._wake_threshold = self.max_batch_pairs
+                self._wake.clear()
+                if self._pending_pairs < self.max_batch_pairs and not self._flush_waiters:
+                    self._wake.wait(self.coalesce_s)
+                self._wake_threshold = _NEVER
+                continue
+            return self._take()
+
+    def _take(self, into: Optional[deque] = None):
+        """Up to max_batch_pairs from memory, published as in flight (into ``into``) in the same step."""
+        with self._lock:
+            pairs: list = []
+            eids: list = []
+            room = self.max_batch_pairs
+            done_seq = self._written_seq
+            while self._pending and room:
+                c = self._pending[0]
+                k = min(room, len(c))
+                end = c.start + k
+                part = c.pairs[c.start:end]
+                if c.seen:  # (pair, entry id) tuples from a spill kept in memory
+                    pairs += [p for p, _ in part]
+                    eids += [e for _, e in part]
+                else:
+                    pairs += part
+                    pre = f"{self._prefix}{c.seq:x}."
+                    eids += [pre + str(i) for i in range(c.start, end)]
+                room -= k
+                if end == len(c.pairs):
+                    self._pending.popleft()
+                    done_seq = c.seq
+                else:
+                    c.start = end
+            self._pending_pairs -= len(pairs)
+            if self._pending_pairs:
+                self._pending_since = time.monotonic()
+            batch = _Batch(pairs, eids, verify=False)
+            batch.done_seq = done_seq
+            if into is None:
+                into = deque()
+            into.append(batch)
+            self._in_flight = into
+            self._in_flight_on_disk = False
+            return batch
+
+    def _deliver(self, batch, verify: bool = False) -> None:
+        """Write ``batch`` (a ProvenanceBatch), retrying and isolating poison, until done.
+
+        Raises _GiveUp when the stop deadline passes first, _Abandoned when
+        stop() has taken the batch over; the unwritten part is then in
+        ``self._in_flight`` for stop() to spill.
+        """
+        with self._lock:
+            if self._in_flight is None or self._in_flight[0] is not batch:
+                self._in_flight = deque([batch])
+                self._in_flight_on_disk = True  # a replay: its pairs are safe in the claimed file
+            todo = self._in_flight
+        attempt = 0
+        single_failures = 0
+        while todo:
+            b = todo[0]
+            if verify:
+                b.verify = True
+            error = self._try_write(b)
+            if error is None:
+                with self._lock:
+                    if self._abandoned:
+                        raise _Abandoned
+                    todo.popleft()
+                attempt = single_failures = 0
+                continue
+            b.verify = True  # it may have landed: from now on the store checks first
+            if len(b) > 1:
+                mid = len(b) // 2
+                with self._lock:
+                    todo.popleft()
+                    todo.appendleft(_Batch(b[mid:], b.entry_ids[mid:], verify=True))
+                    todo.appendleft(_Batch(b[:mid], b.entry_ids[:mid], verify=True))
+                continue
+            single_failures += 1
+            if single_failures >= _POISON_FAILURES and self._is_poison(todo, batch):
+                single_failures = 0
+                continue
+            self._backoff(attempt)
+            attempt += 1
+
+    def _try_write(self, b) -> Optional[Exception]:
+        t0 = time.perf_counter()
+        try:
+            self._store.append_provenance_batch(b, records_cache=None)
+        except Exception as exc:
+            with self._lock:
+                self._n["store_errors"] += 1
+            self._warn.emit(log, logging.WARNING, "write.failed", key=type(exc).__name__,
+                            error=repr(exc)[:300], pairs=len(b))
+            return exc
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._n["written"] += len(b)
+            self._n["last_batch_size"] = len(b)
+            self._last_write_s = dt
+            self._rows_since_maintain += len(b)
+        return None
+
+    def _is_poison(self, todo: deque, batch) -> bool:
+        """todo[0], a single pair, keeps failing: if what follows it writes, it is poison."""
+        if len(todo) < 2:
+            # Borrow the next pairs from memory as the probe.
+            with self._lock:
+                have_more = bool(self._pending_pairs)
+            if not have_more:
+                return False
+            nxt = self._take(into=todo)
+            batch.done_seq = nxt.done_seq  # the worker marks both written together
+        probe = todo[1]
+        err = self._try_write(probe)
+        if err is not None:
+            return False  # the store is failing everything: an outage, not poison
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned
+            poison = todo.popleft()
+            todo.popleft()
+        exc = self._try_write(poison)  # one last chance, now that the store is known good
+        if exc is None:
+            return True
+        self._quarantine_pairs(poison, f"store rejected: {type(exc).__name__}: {exc}")
+        return True
+
+    def _backoff(self, attempt: int) -> None:
+        cap = min(self.retry_max_s, self.retry_initial_s * (2 ** min(attempt, 30)))
+        delay = cap / 2 + random.uniform(0, cap / 2)
+        with self._lock:
+            self._n["retries"] += 1
+        emit(log, logging.DEBUG, "retry", attempt=attempt + 1, delay_s=round(delay, 3))
+        if time.monotonic() + delay > self._deadline:
+            time.sleep(max(0.0, self._deadline - time.monotonic()))
+            raise _GiveUp
+        end = time.monotonic() + delay
+        while True:
+            left = min(end, self._deadline) - time.monotonic()
+            if left <= 0:
+                break
+            if self._stop_requested.wait(left):
+                # stop() set a deadline: sleep out what is left of the shorter of the two.
+                time.sleep(max(0.0, min(end, self._deadline) - time.monotonic()))
+                break
+        if self._abandoned:
+            raise _Abandoned
+        if time.monotonic() >= self._deadline:
+            raise _GiveUp
+
+    def _quarantine_pairs(self, batch, reason: str) -> None:
+        bad = []
+        for (rid, entry), eid in zip(batch, batch.entry_ids):
+            try:
+                raw = encode_line(rid, entry, eid, True)
+            except (TypeError, ValueError):
+                raw = (repr({"id": str(rid), "entry": entry, "eid": eid}) + "\n").encode()
+            bad.append(BadLine(0, raw, reason))
+        self._quarantine(f"{self._spill.writer}-poison", bad)
+
+    def _quarantine(self, stem: str, bad: list, whole: Optional[Path] = None) -> None:
+        lines = len(bad) if whole is None or bad[0].lineno else 1
+        try:
+            target = self._spill.quarantine(stem, bad, whole=whole)
+        except OSError as exc:
+            with self._lock:
+                self._n["dropped"] += lines
+            emit(log, logging.ERROR, "drop", count=lines, reason=f"cannot quarantine: {exc}")
+            return
+        with self._lock:
+            self._n["quarantined_files"] += 1
+            self._n["quarantined_lines"] += lines
+        emit(log, logging.WARNING, "quarantine", file=target.name, lines=lines, reason=bad[0].reason[:300])
+
+    # -- idle work: spill replay, memory refill, maintenance ----------------------------------
+
+    def _idle_work(self) -> bool:
+        """Called when memory is empty. True when it did something."""
+        if self._replay_one():
+            return True
+        if not self._spilling:
+            return False
+        generation = self._n["spilled_files"]
+        if self._spill.replayable():
+            return False  # ours are still on disk, or orphans of our store wait for their replayer
+        with self._lock:
+            if self._spill_in_flight or self._n["spilled_files"] != generation:
+                return False  # a file was written since we looked: it goes first
+            moved = False
+            while self._spill_buffer and self._pending_pairs + len(self._spill_buffer[0]) <= self.max_queue_size:
+                c = self._spill_buffer.popleft()
+                self._spill_buffer_pairs -= len(c)
+                self._pending.append(c)
+                self._pending_pairs += len(c)
+                moved = True
+            if not self._spill_buffer and not self._spill_in_flight:
+                self._spilling = False
+            if moved:
+                self._pending_since = time.monotonic()
+            return moved
+
+    def _replay_one(self) -> bool:
+        """Replay the oldest spill file we may claim. True when it replayed (or quarantined) one."""
+        sd = self._spill
+        now = time.monotonic()
+        files = [f for f in sd.replayable() if self._replay_skip.get(f[0], 0.0) <= now]
+        if not files:
+            return False
+        lock_fd = None
+        if not files[0][1]:
+            lock_fd = sd.acquire_replay_lock()
+            if lock_fd is None:
+                return False
+        try:
+            if lock_fd is not None and sd.recover_tmp_files():
+                files = sd.replayable()
+            name, own = files[0]
+            if own != (lock_fd is None):
+                return True  # the picture changed under us: look again
+            try:
+                claimed, recovered = sd.claim(name)
+            except FileNotFoundError:
+                return True
+            self._replay_file(claimed, recovered, name)
+            return True
+        finally:
+            sd.release_replay_lock(lock_fd)
+
+    def _replay_file(self, claimed: Path, recovered: bool, name: str) -> None:
+        stem = claimed.name.removesuffix(".claimed")
+        try:
+            parsed = parse_file(claimed, stem)
+        except OSError as exc:
+            self._warn.emit(log, logging.WARNING, "replay.failed", key=stem, file=claimed.name, error=str(exc))
+            self._replay_skip[claimed.name] = time.monotonic() + self.idle_replay_s
+            return
+        good = parsed.good
+        for start in range(0, len(good), self.replay_batch_pairs):
+            lines = good[start:start + self.replay_batch_pairs]
+            batch = _Batch([(ln.record_id, ln.entry) for ln in lines], [ln.entry_id for ln in lines],
+                                    verify=recovered or any(ln.seen for ln in lines))
+            batch.done_seq = 0
+            self._deliver(batch, verify=batch.verify)
+            with self._lock:
+                self._in_flight = None
+                self._n["replayed"] += len(lines)
+        if parsed.bad:
+            self._quarantine(stem, parsed.bad, whole=claimed if not good else None)
+        if good or not parsed.bad:
+            self._spill.remove(claimed)
+        emit(log, logging.INFO, "replay", file=stem, pairs=len(good), bad_lines=len(parsed.bad), verified=recovered)
+        with self._lock:
+            last = self._own_file_seq.pop(name, None)
+            if last is not None and last > self._written_seq:
+                self._written_seq = last
+            self._written.notify_all()
+
+    def _maintain(self) -> None:
+        if not self._rows_since_maintain:
+            return
+        maintain = getattr(self._store, "maintain", None)
+        if maintain is None:
+            return
+        self._rows_since_maintain = 0
+        try:
+            maintain()
+        except Exception as exc:
+            self._warn.emit(log, logging.WARNING, "maintain.failed", error=repr(exc)[:300])
+
+    # -- the spill thread ---------------------------------------------------------------
+
+    def _run_spiller(self) -> None:
+        attempt = 0
+        while True:
+            self._spill_wake.wait(1.0)
+            self._spill_wake.clear()
+            while True:
+                with self._lock:
+                    if not self._spill_buffer:
+                        break
+                    chunks, count = [], 0
+                    while self._spill_buffer and count < self.spill_file_pairs:
+                        c = self._spill_buffer.popleft()
+                        chunks.append(c)
+                        count += len(c)
+                    self._spill_buffer_pairs -= count
+                    self._spill_in_flight += count
+                ok = self._spill_chunks(chunks)
+                with self._lock:
+                    self._spill_in_flight -= count
+                    self._spill_failing = not ok
+                    if not ok:  # back to the front, in order; retried below
+                        self._spill_buffer.extendleft(reversed(chunks))
+                        self._spill_buffer_pairs += count
+                    self._spill_room.notify_all()
+                if ok:
+                    attempt = 0
+                    self._wake.set()  # the worker may replay it when idle
+                    continue
+                delay = min(self.retry_max_s, self.retry_initial_s * (2 ** min(attempt, 30)))
+                attempt += 1
+                if self._state is not _RUNNING or self._stop_requested.wait(delay):
+                    return  # stop() spills the buffer itself, or counts it dropped
+            if self._state is not _RUNNING:
+                return
+
+    def _spill_chunks(self, chunks: list, before_ts: Optional[int] = None) -> bool:
+        """Write chunks to one spill file. False when the directory failed (the chunks are untouched)."""
+        lines, bad = [], []
+        last_seq = 0
+        for c in chunks:
+            last_seq = max(last_seq, c.seq)
+            if c.seen:
+                it = ((p, e, True) for p, e in c.pairs[c.start:])
+            else:
+                pre = f"{self._prefix}{c.seq:x}."
+                it = ((p, pre + str(i), False) for i, p in enumerate(c.pairs[c.start:], c.start))
+            for (rid, entry), eid, seen in it:
+                try:
+                    lines.append(encode_line(rid, entry, eid, seen))
+                except (TypeError, ValueError) as exc:
+                    bad.append(BadLine(0, (repr({"id": str(rid), "entry": entry, "eid": eid}) + "\n").encode(),
+                                       f"entry cannot be written as JSON: {exc}"))
+        try:
+            path = self._spill.write(lines, before_ts=before_ts) if lines else None
+        except OSError as exc:
+            with self._lock:
+                self._n["spill_errors"] += 1
+            self._warn.emit(log, logging.ERROR, "spill.failed", key=exc.errno, dir=str(self.spill_dir), error=str(exc))
+            return False
+        if bad:
+            self._quarantine(f"{self._spill.writer}-unencodable", bad)
+        with self._lock:
+            if path is not None:
+                self._n["spilled_files"] += 1
+                self._n["spilled_pairs"] += len(lines)
+                if last_seq > 0:
+                    self._own_file_seq[path.name] = last_seq
+        if path is not None:
+            emit(log, logging.INFO, "spill", file=path.name, pairs=len(lines))
+        return True
+
+    def _spill_now(self, chunks: list, before_own_files: bool = False) -> None:
+        """Spill on the calling thread (stop, late enqueues); count a failure as a drop."""
+        before = self._spill.oldest_own_ts() if before_own_files else None
+        if self._spill_chunks(chunks, before_ts=before):
+            return
+        n = sum(len(c) for c in chunks)
+        with self._lock:
+            self._n["dropped"] += n
+        emit(log, logging.ERROR, "drop", count=n, reason="stopping: neither the store nor the spill directory took them")

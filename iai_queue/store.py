@@ -1,0 +1,344 @@
+"""The LanceDB memory store: records, vector recall, append-only provenance.
+
+Layout (one LanceDB database directory, two tables):
+
+``records``
+    ``id`` (canonical UUID string), ``text``, ``embedding`` (fixed-size float32
+    list of ``dim``), ``created_at`` (UTC timestamp).
+``provenance``
+    one row per provenance entry: ``record_id``, ``entry_id``, ``seq`` (int64,
+    the order of appends), ``entry`` (the entry dict as JSON text).
+
+Why provenance is a table of its own and not a JSON column on ``records``: an
+append is a LanceDB ``add``, which never conflicts with another ``add`` — so
+threads and processes appending at once cannot clobber each other, as a
+read-modify-write of a column would.
+
+Guarantees of :meth:`MemoryStore.append_provenance_batch`:
+
+* Per-record order: ``seq`` is drawn from a per-store counter that never goes
+  backwards (nanoseconds since the epoch, bumped on collision), so entries
+  appended by one caller, in one call or in successive calls, read back in that
+  order. Writers in different processes interleave by wall clock.
+* Exactly-once effect: every row carries an ``entry_id``. A batch built by the
+  queue (:class:`ProvenanceBatch`) brings its own ids; a batch flagged
+  ``verify`` (a retry or a replay, which may have landed before) first drops
+  the ids already stored. :meth:`MemoryStore.get` also keeps only the first row
+  of an id, so even a race between two such writes cannot show an entry twice.
+* Entries are stored as JSON: what :meth:`MemoryStore.get` returns is the dict
+  after a JSON round trip (tuples come back as lists, keys as strings).
+
+LanceDB does not survive ``fork()``: a child process must open its own store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Optional
+from uuid import UUID
+
+import lancedb
+import pyarrow as pa
+from lancedb.index import BTree
+
+__all__ = ["MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
+
+RECORDS = "records"
+PROVENANCE = "provenance"
+_IN_LIST_CHUNK = 1000  # ids per "IN (...)" filter: keeps the SQL text small
+_KNOWN_IDS_MAX = 1_000_000  # cap on the cache of ids known to exist
+
+
+def default_store_path() -> Path:
+    env = os.environ.get("IAI_QUEUE_STORE")
+    return Path(env) if env else Path.home() / ".iai-mcp" / "lancedb"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class MemoryRecord:
+    id: UUID
+    text: str
+    embedding: list[float]
+    provenance: list[dict] = field(default_factory=list)
+    created_at: datetime = field(default_factory=_utcnow)
+
+
+class ProvenanceBatch(list):
+    """A list of ``(UUID, dict)`` pairs that also carries one entry id per pair.
+
+    It is what the queue hands to ``store.append_provenance_batch``; being a
+    list, a wrapper installed on the store sees the ordinary pairs.
+    ``verify`` says the batch may have been applied before (a retry after a
+    failure, a replay of a spill file): the store then skips ids it has.
+    """
+
+    __slots__ = ("entry_ids", "verify")
+
+    def __init__(self, pairs: Iterable, entry_ids: Sequence[str], verify: bool = False):
+        super().__init__(pairs)
+        if len(entry_ids) != len(self):
+            raise ValueError(f"{len(entry_ids)} entry ids for {len(self)} pairs")
+        self.entry_ids = list(entry_ids)
+        self.verify = verify
+
+
+def _sql_str_list(values: Iterable[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+class MemoryStore:
+    """Records with embeddings, vector recall, and append-only provenance.
+
+    ``MemoryStore(path)`` opens or creates the database at ``path`` (default:
+    env ``IAI_QUEUE_STORE``, else ``~/.iai-mcp/lancedb``). All methods are safe
+    to call from several threads at once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, dim: int = 384):
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.path = Path(path) if path is not None else default_store_path()
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"store path {str(self.path)!r} is an existing file, not a directory")
+        self.dim = dim
+        self.path.mkdir(parents=True, exist_ok=True)
+        # interval 0: every read sees what other processes committed.
+        self._db = lancedb.connect(self.path, read_consistency_interval=timedelta(0))
+        self._records = self._open_or_create(RECORDS, self._records_schema())
+        self._provenance = self._open_or_create(PROVENANCE, self._provenance_schema())
+        found = self._records.schema.field("embedding").type
+        if getattr(found, "list_size", dim) != dim:
+            raise ValueError(f"store at {str(self.path)!r} holds {found.list_size}-d embeddings, not dim={dim}")
+        self._seq_lock = threading.Lock()
+        self._last_seq = 0
+        self._entry_prefix = f"s{secrets.token_hex(4)}-"
+        self._entry_counter = itertools.count()
+        self._known_ids: set[str] = set()
+        self._provenance_queue = None  # the live ProvenanceWriteQueue, or None
+        self._toggle_lock = threading.Lock()
+
+    # -- schema -----------------------------------------------------------------
+
+    def _records_schema(self) -> pa.Schema:
+        return pa.schema([
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("text", pa.string()),
+            pa.field("embedding", pa.list_(pa.float32(), self.dim)),
+            pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        ])
+
+    @staticmethod
+    def _provenance_schema() -> pa.Schema:
+        return pa.schema([
+            pa.field("record_id", pa.string(), nullable=False),
+            pa.field("entry_id", pa.string(), nullable=False),
+            pa.field("seq", pa.int64(), nullable=False),
+            pa.field("entry", pa.string(), nullable=False),
+        ])
+
+    def _open_or_create(self, name: str, schema: pa.Schema):
+        # exist_ok: two processes creating the same store at once both succeed.
+        return self._db.create_table(name, schema=schema, exist_ok=True)
+
+    # -- records -----------------------------------------------------------------
+
+    def insert(self, record: MemoryRecord) -> None:
+        self.insert_many([record])
+
+    def insert_many(self, records: Sequence[MemoryRecord]) -> None:
+        """Insert records in one LanceDB commit; their ``provenance`` lists are appended too."""
+        records = list(records)
+        if not records:
+            return
+        for r in records:
+            if not isinstance(r, MemoryRecord):
+                raise TypeError(f"expected MemoryRecord, got {type(r).__name__}: {r!r}")
+            if not isinstance(r.id, UUID):
+                raise TypeError(f"MemoryRecord.id must be a UUID, got {r.id!r}")
+            if len(r.embedding) != self.dim:
+                raise ValueError(f"record {r.id}: embedding has length {len(r.embedding)}, store dim is {self.dim}")
+        table = pa.table({
+            "id": [str(r.id) for r in records],
+            "text": [r.text for r in records],
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array([x for r in records for x in r.embedding], pa.float32()), self.dim),
+            "created_at": [r.created_at for r in records],
+        }, schema=self._records_schema())
+        self._records.add(table)
+        self._remember_ids(str(r.id) for r in records)
+        pairs = [(r.id, e) for r in records for e in r.provenance]
+        if pairs:
+            self.append_provenance_batch(pairs)
+
+    def get(self, id: UUID | str) -> Optional[MemoryRecord]:
+        """The record with its provenance in append order, or None."""
+        rid = str(UUID(str(id)))
+        rows = self._records.search().where(f"id = '{rid}'").limit(1).to_arrow()
+        if rows.num_rows == 0:
+            return None
+        row = rows.slice(0, 1).to_pylist()[0]
+        return MemoryRecord(
+            id=UUID(row["id"]), text=row["text"], embedding=list(row["embedding"]),
+            provenance=self._provenance_of(rid), created_at=row["created_at"])
+
+    def _provenance_of(self, rid: str) -> list[dict]:
+        rows = (self._provenance.search().where(f"record_id = '{rid}'")
+                .select(["entry_id", "seq", "entry"]).limit(None).to_arrow())
+        rows = rows.sort_by("seq")
+        seen: set[str] = set()
+        out = []
+        for eid, text in zip(rows.column("entry_id").to_pylist(), rows.column("entry").to_pylist()):
+            if eid not in seen:  # first write of an entry id wins; a late replay is a no-op
+                seen.add(eid)
+                out.append(json.loads(text))
+        return out
+
+    def count(self) -> int:
+        return self._records.count_rows()
+
+    def provenance_rows(self) -> int:
+        """Rows in the provenance table (duplicates of an entry id included)."""
+        return self._provenance.count_rows()
+
+    def search(self, embedding: Sequence[float], k: int = 10) -> list[dict[str, Any]]:
+        """The ``k`` nearest records by cosine distance: ``[{"id", "text", "score"}]``, best first."""
+        if len(embedding) != self.dim:
+            raise ValueError(f"cue_embedding has length {len(embedding)}, store dim is {self.dim}")
+        rows = (self._records.search(list(embedding), vector_column_name="embedding")
+                .distance_type("cosine").limit(k).select(["id", "text", "_distance"]).to_arrow())
+        return [{"id": UUID(i), "text": t, "score": 1.0 - d}
+                for i, t, d in zip(rows.column("id").to_pylist(), rows.column("text").to_pylist(),
+                                   rows.column("_distance").to_pylist())]
+
+    # -- provenance ----------------------------------------------------------------
+
+    def append_provenance_batch(self, pairs: Sequence[tuple[UUID | str, dict]],
+                                records_cache: Optional[Mapping[Any, MemoryRecord]] = None) -> None:
+        """Append ``(record_id, entry)`` pairs in one commit, synchronously.
+
+        Unknown record ids are skipped; order is kept per record. Raises what
+        LanceDB raises (the caller retries), or ``TypeError`` for an entry that
+        is not JSON-serialisable.
+        """
+        if not pairs:
+            return
+        entry_ids = getattr(pairs, "entry_ids", None)
+        if entry_ids is None:
+            entry_ids = [f"{self._entry_prefix}{next(self._entry_counter)}" for _ in pairs]
+        record_ids = [str(rid) for rid, _ in pairs]
+        keep = self._existing(record_ids, records_cache)
+        if getattr(pairs, "verify", False):
+            stored = self._stored_entry_ids(entry_ids)
+            keep = [i for i in keep if entry_ids[i] not in stored]
+        if not keep:
+            return
+        dumps = json.dumps
+        entries = [dumps(pairs[i][1], separators=(",", ":")) for i in keep]
+        with self._seq_lock:
+            base = max(time.time_ns(), self._last_seq + 1)
+            self._last_seq = base + len(keep) - 1
+        self._provenance.add(pa.table({
+            "record_id": [record_ids[i] for i in keep],
+            "entry_id": [entry_ids[i] for i in keep],
+            "seq": pa.array(range(base, base + len(keep)), pa.int64()),
+            "entry": entries,
+        }, schema=self._provenance_schema()))
+
+    def _existing(self, record_ids: list[str], records_cache) -> list[int]:
+        """Indexes into ``record_ids`` of records that exist."""
+        known = self._known_ids
+        if records_cache:
+            self._remember_ids(str(k) for k in records_cache)
+        unknown = {r for r in record_ids if r not in known}
+        if unknown:
+            found = self._select_in(self._records, "id", unknown)
+            self._remember_ids(found)
+        return [i for i, r in enumerate(record_ids) if r in known]
+
+    def _remember_ids(self, ids: Iterable[str]) -> None:
+        if len(self._known_ids) > _KNOWN_IDS_MAX:
+            self._known_ids = set()  # a cache, not a registry: rebuilt from lookups
+        self._known_ids.update(ids)
+
+    def _stored_entry_ids(self, entry_ids: Sequence[str]) -> set[str]:
+        return self._select_in(self._provenance, "entry_id", entry_ids)
+
+    @staticmethod
+    def _select_in(table, column: str, values: Iterable[str]) -> set[str]:
+        values = list(values)
+        found: set[str] = set()
+        for start in range(0, len(values), _IN_LIST_CHUNK):
+            chunk = values[start:start + _IN_LIST_CHUNK]
+            rows = (table.search().where(f"{column} IN ({_sql_str_list(chunk)})")
+                    .select([column]).limit(None).to_arrow())
+            found.update(rows.column(column).to_pylist())
+        return found
+
+    def maintain(self) -> None:
+        """Compact both tables and build the scalar indexes lookups use.
+
+        The queue calls this on idle; it is safe at any time, never needed for
+        correctness, and what makes ``get()`` fast on a large provenance table.
+        """
+        for table, column in ((self._records, "id"), (self._provenance, "record_id"),
+                              (self._provenance, "entry_id")):
+            if not any(idx.columns == [column] for idx in table.list_indices()):
+                if table.count_rows():
+                    table.create_index(column, config=BTree(), replace=False)
+        self._records.optimize()
+        self._provenance.optimize()
+
+    # -- the provenance queue toggle -------------------------------------------------
+
+    def enable_provenance_queue(self, coalesce_ms: float = 50, **queue_options: Any):
+        """Start routing :meth:`queue_provenance_batch` through a write-behind queue.
+
+        Idempotent: when a queue is already live it is returned unchanged.
+        """
+        from .provenance_queue import ProvenanceWriteQueue
+
+        with self._toggle_lock:
+            if self._provenance_queue is None:
+                q = ProvenanceWriteQueue(self, coalesce_ms=coalesce_ms, **queue_options)
+                q.start()
+                self._provenance_queue = q
+            return self._provenance_queue
+
+    def disable_provenance_queue(self, timeout: Optional[float] = None) -> None:
+        """Drain and stop the queue; later writes run synchronously. Idempotent."""
+        with self._toggle_lock:
+            q, self._provenance_queue = self._provenance_queue, None
+        if q is not None:
+            # Enqueues racing this call land in the stopped queue, which writes
+            # them synchronously (see ProvenanceWriteQueue.enqueue).
+            q.stop() if timeout is None else q.stop(timeout=timeout)
+
+    def queue_provenance_batch(self, pairs: Sequence[tuple[UUID | str, dict]]) -> None:
+        """Hand pairs to the live queue, or append them now on this thread."""
+        from .provenance_queue import validate_pairs
+
+        q = self._provenance_queue
+        if q is not None:
+            q.enqueue(pairs)
+        else:
+            # Same checks as enqueue: bad input fails the same way whichever path is live.
+            self.append_provenance_batch(list(validate_pairs(pairs)), records_cache=None)
+
+    async def adisable_provenance_queue(self) -> None:
+        """:meth:`disable_provenance_queue` without blocking the event loop."""
+        import anyio.to_thread
+
+        await anyio.to_thread.run_sync(self.disable_provenance_queue)

@@ -1,0 +1,72 @@
+import random
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from iai_queue import MemoryRecord, MemoryStore
+
+DIM = 8
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """No test writes to the real ~/.iai-mcp: HOME and the env overrides point into tmp_path."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("IAI_QUEUE_SPILL_DIR", raising=False)
+    monkeypatch.delenv("IAI_QUEUE_STORE", raising=False)
+    return home
+
+
+@pytest.fixture
+def spill_dir(_isolated_home) -> Path:
+    return _isolated_home / ".iai-mcp" / ".provenance-overflow"
+
+
+def make_records(n: int, dim: int = DIM, seed: int = 0) -> list[MemoryRecord]:
+    rnd = random.Random(seed)
+    return [MemoryRecord(id=uuid.UUID(int=rnd.getrandbits(128), version=4), text=f"record {i}",
+                         embedding=[rnd.random() for _ in range(dim)]) for i in range(n)]
+
+
+@pytest.fixture
+def store(tmp_path) -> MemoryStore:
+    return MemoryStore(tmp_path / "db", dim=DIM)
+
+
+@pytest.fixture
+def records(store) -> list[MemoryRecord]:
+    recs = make_records(20)
+    store.insert_many(recs)
+    return recs
+
+
+class Gate:
+    """Wraps store.append_provenance_batch (the sanctioned fault seam): blocks writes until opened."""
+
+    def __init__(self, store):
+        self.store = store
+        self.real = store.append_provenance_batch
+        self.open_event = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+        store.append_provenance_batch = self
+
+    def __call__(self, pairs, records_cache=None):
+        self.calls += 1
+        self.entered.set()
+        self.open_event.wait(30)
+        return self.real(pairs, records_cache=records_cache)
+
+    def open(self):
+        self.open_event.set()
+
+
+@pytest.fixture
+def gate(store):
+    g = Gate(store)
+    yield g
+    g.open()
