@@ -150,8 +150,11 @@ class MemoryStore:
         ])
 
     def _open_or_create(self, name: str, schema: pa.Schema):
-        # exist_ok: two processes creating the same store at once both succeed.
-        return self._db.create_table(name, schema=schema, exist_ok=True)
+        try:
+            return self._db.open_table(name)
+        except (ValueError, FileNotFoundError):
+            # exist_ok: two processes creating the same store at once both succeed.
+            return self._db.create_table(name, schema=schema, exist_ok=True)
 
     # -- records -----------------------------------------------------------------
 
