@@ -34,8 +34,11 @@ Guarantees
 8. **Fork.** In a child the queue starts empty with fresh locks; it starts a
    worker on first use and never writes the parent's entries. The child must
    open its own store: LanceDB does not survive ``fork()``.
-9. **Exit.** ``start()`` registers an ``atexit`` handler (``stop()`` removes it)
-   that waits at most ``exit_timeout`` seconds for the store, then spills.
+9. **Exit.** ``start()`` registers the queue's exit handler with
+   ``atexit.register`` and ``stop()`` unregisters it, so a stopped queue is
+   never kept alive by atexit. The handler waits at most ``exit_timeout``
+   seconds for the store, then spills, and never raises. (CPython before 3.12
+   keeps an empty slot per unregistered handler: 8 bytes per start/stop.)
 10. **Disk trouble.** When spilling fails (ENOSPC, EACCES, a read-only dir), the
     entries stay in memory past ``max_queue_size`` up to ``max_memory_pairs``
     while spilling is retried.
@@ -51,6 +54,8 @@ count. Entries still in memory when the process is SIGKILLed are lost: at most
 from __future__ import annotations
 
 import atexit
+import heapq
+import itertools
 import logging
 import os
 import random
@@ -154,25 +159,24 @@ class _Abandoned(Exception):
 
 
 class _Batch(ProvenanceBatch):
-    """A batch on its way to the store; ``done_seq``: every enqueue call up to it is in this batch or written."""
+    """A batch on its way to the store; ``done_seqs``: the enqueue calls it completes."""
 
-    __slots__ = ("done_seq",)
+    __slots__ = ("done_seqs",)
 
-    def __init__(self, pairs, entry_ids, verify: bool = False, done_seq: int = 0):
+    def __init__(self, pairs, entry_ids, verify: bool = False, done_seqs: Sequence[int] = ()):
         super().__init__(pairs, entry_ids, verify)
-        self.done_seq = done_seq
+        self.done_seqs = list(done_seqs)
 
 
-class _Chunk:
-    """Consecutive pairs of one enqueue call, in memory: ``pairs[start:]``."""
+# A chunk is the pairs of one enqueue call still in memory: the plain tuple
+# (seq, pairs, start, seen) — ``pairs[start:]`` are pending. A tuple, not a
+# class, because building one is on the hot path. ``seen`` chunks hold
+# ((id, entry), entry_id) items that may have been written already.
+_SEQ, _PAIRS, _START, _SEEN = range(4)
 
-    __slots__ = ("seq", "pairs", "start", "seen")
 
-    def __init__(self, seq: int, pairs: tuple, start: int = 0, seen: bool = False):
-        self.seq, self.pairs, self.start, self.seen = seq, pairs, start, seen
-
-    def __len__(self) -> int:
-        return len(self.pairs) - self.start
+def _chunk_len(c: tuple) -> int:
+    return len(c[_PAIRS]) - c[_START]
 
 
 _live_queues: "weakref.WeakSet[ProvenanceWriteQueue]" = weakref.WeakSet()
@@ -234,36 +238,42 @@ class ProvenanceWriteQueue:
         """Everything a forked child must not share with its parent."""
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)  # flush() waits on it for _written_seq
+        self._spill_room = threading.Condition(self._lock)  # enqueue waits on it for the spill thread
         self._wake = threading.Event()  # the worker waits on it for work, a flush, or stop
         self._spill_wake = threading.Event()  # the spill thread waits on it for the spill buffer
-        self._pending: deque[_Chunk] = deque()
-        self._pending_pairs = 0
-        self._spill_buffer: deque[_Chunk] = deque()
+        self._stop_requested = threading.Event()  # cuts the spill thread's and the worker's backoff short
+        # Chunks for the store. enqueue() appends without the lock (deque.append
+        # is atomic under the GIL); every other access holds the lock.
+        self._pending: deque[tuple] = deque()
+        self._seq = itertools.count(1)  # one number per enqueue call and per flush; next() is atomic
+        self._fast = True  # enqueue may append to _pending: accepting, and nothing spilled ahead of it
+        self._wake_threshold: float = _NEVER  # enqueue wakes the worker when len(_pending) reaches this
+        self._spill_buffer: deque[tuple] = deque()
         self._spill_buffer_pairs = 0
         self._spill_in_flight = 0  # pairs the spill thread is writing right now
         self._spilling = False  # once set, new entries go behind the spill until it drains
         self._spill_failing = False  # the last spill write failed; cleared by the next success
-        self._spill_room = threading.Condition(self._lock)  # enqueue waits on it for the spill thread
-        self._own_file_seq: dict[str, int] = {}  # our spill file name -> the last seq in it
-        self._wake_threshold: float = _NEVER  # enqueue wakes the worker when pending reaches this
+        self._own_file_seqs: dict[str, list[int]] = {}  # our spill file -> the enqueue calls it completes
+        self._written_seq = 0  # every seq up to this one is done: written, quarantined or dropped
+        self._done_above: list[int] = []  # a heap of done seqs above _written_seq
         self._flush_waiters = 0
-        self._next_seq = 1
-        self._written_seq = 0  # every enqueue call up to this seq is written (or quarantined/dropped)
         self._state = _NEW
+        self._autostart = False  # a forked child starts its worker on first enqueue
         self._deadline = _NEVER  # stop(): when the worker gives up on the store
         self._in_flight: Optional[deque] = None  # the batch being written, split as it is bisected
-        self._in_flight_on_disk = False
-        self._stop_requested = threading.Event()  # interrupts the spill thread's and worker's backoff
-        self._replay_skip: dict[str, float] = {}  # spill file -> monotonic time to try it again
+        self._in_flight_on_disk = False  # a replay: its pairs are safe in the claimed file
         self._abandoned = False
         self._left_on_disk = False
         self._worker: Optional[threading.Thread] = None
         self._spiller: Optional[threading.Thread] = None
-        self._pending_since = 0.0
+        self._last_empty = time.monotonic()  # when the worker last found memory empty
+        self._replay_skip: dict[str, float] = {}  # spill file -> monotonic time to try it again
         self._prefix = f"q{secrets.token_hex(4)}-"
         self._spill = SpillDirectory(self.spill_dir, store_path=getattr(self._store, "path", None))
         self._rows_since_maintain = 0
-        self._n = dict.fromkeys(("accepted", "written", "spilled_files", "spilled_pairs", "replayed",
+        self._taken = 0  # pairs that left _pending (to the worker, or to stop())
+        self._accepted_elsewhere = 0  # pairs accepted that never went through _pending
+        self._n = dict.fromkeys(("written", "spilled_files", "spilled_pairs", "replayed",
                                  "quarantined_files", "quarantined_lines", "retries", "store_errors",
                                  "spill_errors", "dropped", "last_batch_size"), 0)
         self._last_write_s = 0.0
@@ -278,8 +288,7 @@ class ProvenanceWriteQueue:
             self._spill._writer_fd = None
         self._init_state()
         self._autostart = was_running
-
-    _autostart = False
+        self._fast = not was_running
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -289,15 +298,18 @@ class ProvenanceWriteQueue:
             if self._state in (_RUNNING, _CLOSING):
                 return self
             self._state = _RUNNING
+            self._autostart = False
             self._abandoned = False
             self._stop_requested.clear()
             self._deadline = _NEVER
             # Spill files of our store already waiting: new entries go behind them.
             self._spilling = self._spilling or bool(self._spill.replayable())
+            self._fast = not self._spilling
             self._worker = threading.Thread(target=self._run_worker, name="iai_queue-worker", daemon=True)
             self._spiller = threading.Thread(target=self._run_spiller, name="iai_queue-spill", daemon=True)
             self._worker.start()
             self._spiller.start()
+        # Per start(), by contract: hosts capture the handler from atexit.register.
         atexit.register(self._at_exit)
         return self
 
@@ -311,7 +323,7 @@ class ProvenanceWriteQueue:
         atexit.unregister(self._at_exit)
         with self._lock:
             if self._state in (_STOPPED, _CLOSING):
-                return self._written_seq >= self._next_seq - 1
+                return self._all_done()
             started = self._state == _RUNNING
             self._state = _CLOSING
             self._deadline = time.monotonic() + timeout
@@ -323,31 +335,36 @@ class ProvenanceWriteQueue:
         if started and worker is not None and worker is not threading.current_thread():
             worker.join(max(0.0, self._deadline - time.monotonic()) + 0.05)
         with self._lock:
-            # From here a worker still stuck in the store does nothing more.
+            # From here a worker still stuck in the store does nothing more, and
+            # enqueues racing this stop() go behind what is spilled next.
             self._abandoned = True
-            older: list[_Chunk] = []
+            self._spilling = True
+            self._fast = False
+            older: list[tuple] = []
             if self._in_flight and not self._in_flight_on_disk:
-                older += [_Chunk(-1, tuple(zip(b, b.entry_ids)), 0, True) for b in self._in_flight]
+                older += [(-1, tuple(zip(b, b.entry_ids)), 0, True) for b in self._in_flight]
             self._in_flight = None
+            self._taken += sum(_chunk_len(c) for c in self._pending)
             older += self._pending
             self._pending.clear()
-            self._pending_pairs = 0
         if older:
             self._spill_now(older, before_own_files=True)
         if started and spiller is not None:
             self._spill_wake.set()
             spiller.join(max(1.0, self._deadline - time.monotonic()))
+        own_files = bool(self._spill.own_files())
         with self._lock:
+            # One step: a later enqueue sees _STOPPED and takes the slow path.
             rest = list(self._spill_buffer)
             self._spill_buffer.clear()
             self._spill_buffer_pairs = 0
+            self._state = _STOPPED
+            self._left_on_disk = own_files or bool(older) or bool(rest)
+            self._written.notify_all()
         if rest:  # the spill thread did not get to them (or never ran)
             self._spill_now(rest)
         with self._lock:
-            self._state = _STOPPED
-            self._left_on_disk = bool(self._spill.own_files())
-            done = self._written_seq >= self._next_seq - 1
-            self._written.notify_all()
+            done = self._all_done()
         self._spill.release()
         if self._left_on_disk:
             emit(log, logging.WARNING, "exit.spilled", dir=str(self.spill_dir))
@@ -390,49 +407,75 @@ class ProvenanceWriteQueue:
     def enqueue(self, pairs: list) -> None:
         """Accept ``pairs`` (a list of ``(UUID, dict)``) for writing; returns at once.
 
-        Never blocks on the store or the disk and never raises because of them.
+        Never blocks on the store and never raises because of the store or the
+        disk. Blocks only when memory already holds ``max_memory_pairs`` for a
+        working spill directory that is slower than the callers (backpressure).
         Raises TypeError/ValueError naming the first bad element, and then
         accepts nothing from this call. An empty list is a no-op.
         """
-        items = validate_pairs(pairs)
-        n = len(items)
-        if not n:
+        # validate_pairs, inlined for the common case: this is the recall hot path.
+        if type(pairs) is list:
+            items = tuple(pairs)
+            for p in items:
+                if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
+                    items = validate_pairs(pairs)
+                    break
+        else:
+            items = validate_pairs(pairs)
+        if not items:
             return
+        if self._fast:
+            pending = self._pending
+            if len(pending) < self.max_queue_size:
+                chunk = (next(self._seq), items, 0, False)
+                pending.append(chunk)
+                if len(pending) >= self._wake_threshold:
+                    self._wake.set()
+                if self._fast:
+                    return
+                # An overflow or stop() began while we appended. Take the chunk
+                # back if it is still there; if not, the worker or stop() has it.
+                with self._lock:
+                    try:
+                        pending.remove(chunk)
+                    except ValueError:
+                        return
+                self._enqueue_locked(chunk)
+                return
+        self._enqueue_locked((next(self._seq), items, 0, False))
+
+    def _enqueue_locked(self, chunk: tuple) -> None:
         with self._lock:
             state = self._state
-            if state is _RUNNING or state is _CLOSING or (state is _NEW and not self._autostart):
-                seq = self._next_seq
-                self._next_seq = seq + 1
-                self._n["accepted"] += n
-                if not self._spilling and self._pending_pairs + n <= self.max_queue_size:
-                    if not self._pending_pairs:
-                        self._pending_since = time.monotonic()
-                    self._pending.append(_Chunk(seq, items))
-                    self._pending_pairs += n
-                    if self._pending_pairs >= self._wake_threshold:
+            if state is not _STOPPED and not (state is _NEW and self._autostart):
+                if not self._spilling and len(self._pending) < self.max_queue_size:
+                    self._pending.append(chunk)
+                    if len(self._pending) >= self._wake_threshold:
                         self._wake.set()
                     return
-                self._overflow(_Chunk(seq, items))
+                self._accepted_elsewhere += _chunk_len(chunk)
+                self._overflow(chunk)
                 return
-        self._enqueue_slow(items)
+        self._enqueue_slow(chunk)
 
-    def _overflow(self, chunk: _Chunk) -> None:
+    def _overflow(self, chunk: tuple) -> None:
         """Behind the spill from now on (called with the lock held)."""
-        n = len(chunk)
+        n = _chunk_len(chunk)
         self._spilling = True
+        self._fast = False
 
-        def in_memory() -> int:
-            return self._pending_pairs + self._spill_buffer_pairs + self._spill_in_flight
+        def waiting() -> int:
+            return self._spill_buffer_pairs + self._spill_in_flight
 
-        # A healthy disk slower than the caller: wait for the spill thread (the
+        # A working disk slower than the callers: wait for the spill thread (the
         # one place enqueue waits, and only on a disk that is working).
-        while (in_memory() + n > self.max_memory_pairs and in_memory() and not self._spill_failing
+        while (waiting() + n > self.max_memory_pairs and waiting() and not self._spill_failing
                and self._state is _RUNNING):
             self._spill_room.wait(1.0)
-        if in_memory() + n > self.max_memory_pairs and in_memory():
+        if waiting() + n > self.max_memory_pairs and waiting():
             # The single drop path: the disk is failing and memory is full.
             self._n["dropped"] += n
-            self._written_seq_skip(chunk.seq)
+            self._mark_done((chunk[_SEQ],))
             emit(log, logging.ERROR, "drop", count=n, total_dropped=self._n["dropped"],
                  reason="memory at max_memory_pairs and the spill directory is failing")
             return
@@ -440,34 +483,50 @@ class ProvenanceWriteQueue:
         self._spill_buffer_pairs += n
         self._spill_wake.set()
 
-    def _written_seq_skip(self, seq: int) -> None:
-        # A dropped call counts as done for flush() once everything before it is.
-        if self._written_seq == seq - 1:
-            self._written_seq = seq
+    def _all_done(self) -> bool:
+        """Is everything enqueued so far done? Lock held."""
+        now = next(self._seq)
+        self._mark_done((now,))
+        return self._written_seq >= now
+
+    def _mark_done(self, seqs) -> None:
+        """Record enqueue calls (and flushes) as done; advance _written_seq. Lock held."""
+        w = self._written_seq
+        heap = self._done_above
+        for s in seqs:
+            if s == w + 1:
+                w = s
+            elif s > w:
+                heapq.heappush(heap, s)
+        while heap and heap[0] <= w + 1:
+            w = max(w, heapq.heappop(heap))
+        if w != self._written_seq:
+            self._written_seq = w
             self._written.notify_all()
 
-    def _enqueue_slow(self, items: tuple) -> None:
+    def _enqueue_slow(self, chunk: tuple) -> None:
         if self._state is _NEW and self._autostart:  # a forked child's first use
-            self._autostart = False
             self.start()
-            self.enqueue(list(items))
+            self.enqueue(list(chunk[_PAIRS]))
             return
         # After stop(): write now on the caller's thread, or spill behind what is on disk.
-        eids = [f"{self._prefix}late{secrets.token_hex(4)}.{i}" for i in range(len(items))]
+        items = chunk[_PAIRS]
+        eids = [f"{self._prefix}{chunk[_SEQ]:x}.{i}" for i in range(len(items))]
         with self._lock:
-            self._n["accepted"] += len(items)
+            self._accepted_elsewhere += len(items)
         if not self._left_on_disk:
             try:
                 self._store.append_provenance_batch(_Batch(items, eids), records_cache=None)
                 with self._lock:
                     self._n["written"] += len(items)
+                    self._mark_done((chunk[_SEQ],))
                 return
             except Exception as exc:
                 with self._lock:
                     self._n["store_errors"] += 1
                 self._warn.emit(log, logging.WARNING, "write.failed", error=repr(exc)[:300], pairs=len(items))
         self._left_on_disk = True
-        self._spill_now([_Chunk(0, tuple(zip(items, eids)), 0, True)])
+        self._spill_now([(chunk[_SEQ], tuple(zip(items, eids)), 0, True)])
         self._spill.release()
 
     # -- flush and stats ----------------------------------------------------------------
@@ -476,12 +535,14 @@ class ProvenanceWriteQueue:
         """Block until everything enqueued before this call is in the store, or ``timeout`` passes.
 
         Returns True when it is, False on timeout (the entries are still
-        pending, in memory or on disk, and will be written). Safe from any thread.
+        pending, in memory or on disk, and will be written) or when the queue
+        is stopped with entries left on disk. Safe from any thread.
         """
         with self._lock:
-            target = self._next_seq - 1
-            if self._written_seq >= target:
-                return True
+            target = next(self._seq)  # every call enqueued before us has a smaller number
+            self._mark_done((target,))
+            if self._written_seq >= target or self._state is _STOPPED:
+                return self._written_seq >= target
             self._flush_waiters += 1
         self._wake.set()  # cut the coalescing window short
         try:
@@ -494,10 +555,12 @@ class ProvenanceWriteQueue:
     def stats(self) -> QueueStats:
         with self._lock:
             n = dict(self._n)
-            in_flight = sum(len(b) for b in self._in_flight) if self._in_flight else 0
-            pending = self._pending_pairs + in_flight
-            age = time.monotonic() - self._pending_since if pending else 0.0
-            return QueueStats(pending=pending, spill_buffered=self._spill_buffer_pairs + self._spill_in_flight,
+            in_memory = sum(_chunk_len(c) for c in list(self._pending))
+            in_flight = sum(len(b) for b in self._in_flight) if self._in_flight and not self._in_flight_on_disk else 0
+            pending = in_memory + in_flight
+            age = time.monotonic() - self._last_empty if pending else 0.0
+            return QueueStats(accepted=self._taken + self._accepted_elsewhere + in_memory, pending=pending,
+                              spill_buffered=self._spill_buffer_pairs + self._spill_in_flight,
                               oldest_pending_age_s=age, last_write_s=self._last_write_s, **n)
 
     @property
@@ -515,9 +578,7 @@ class ProvenanceWriteQueue:
                 self._deliver(batch)
                 with self._lock:
                     self._in_flight = None
-                    if batch.done_seq > self._written_seq:
-                        self._written_seq = batch.done_seq
-                    self._written.notify_all()
+                    self._mark_done(batch.done_seqs)
         except (_GiveUp, _Abandoned):
             return
         except BaseException:  # a bug: make it loud, stop() still spills what is left
@@ -530,58 +591,68 @@ class ProvenanceWriteQueue:
             if self._abandoned:
                 return None
             closing = self._state is not _RUNNING
-            if not self._pending_pairs:
+            if not self._pending:
+                self._last_empty = time.monotonic()
                 if closing:
                     return None
                 if self._idle_work():
                     continue
                 self._wake_threshold = 1
                 self._wake.clear()
-                if not self._pending_pairs and self._state is _RUNNING:
+                if not self._pending and self._state is _RUNNING:
                     if not self._wake.wait(min(self.idle_replay_s, 1.0)):
                         self._maintain()
                 self._wake_threshold = _NEVER
                 continue
-            if not coalesced and not closing and not self._flush_waiters and self._pending_pairs < self.max_batch_pairs:
+            if not coalesced and not closing and not self._flush_waiters and not self._full_batch_waiting():
                 coalesced = True
+                # A chunk holds at least one pair: this many chunks make a full batch.
                 self._wake_threshold = self.max_batch_pairs
                 self._wake.clear()
-                if self._pending_pairs < self.max_batch_pairs and not self._flush_waiters:
+                if not self._flush_waiters and not self._full_batch_waiting():
                     self._wake.wait(self.coalesce_s)
                 self._wake_threshold = _NEVER
                 continue
             return self._take()
+
+    def _full_batch_waiting(self) -> bool:
+        pending = list(self._pending)  # a copy: enqueue appends meanwhile
+        if len(pending) >= self.max_batch_pairs:
+            return True
+        total = 0
+        for c in pending:
+            total += _chunk_len(c)
+            if total >= self.max_batch_pairs:
+                return True
+        return False
 
     def _take(self, into: Optional[deque] = None):
         """Up to max_batch_pairs from memory, published as in flight (into ``into``) in the same step."""
         with self._lock:
             pairs: list = []
             eids: list = []
+            done: list = []
             room = self.max_batch_pairs
-            done_seq = self._written_seq
-            while self._pending and room:
-                c = self._pending[0]
-                k = min(room, len(c))
-                end = c.start + k
-                part = c.pairs[c.start:end]
-                if c.seen:  # (pair, entry id) tuples from a spill kept in memory
+            pending = self._pending
+            while pending and room:
+                seq, items, start, seen = pending[0]
+                end = min(len(items), start + room)
+                part = items[start:end]
+                if seen:
                     pairs += [p for p, _ in part]
                     eids += [e for _, e in part]
                 else:
                     pairs += part
-                    pre = f"{self._prefix}{c.seq:x}."
-                    eids += [pre + str(i) for i in range(c.start, end)]
-                room -= k
-                if end == len(c.pairs):
-                    self._pending.popleft()
-                    done_seq = c.seq
+                    pre = f"{self._prefix}{seq:x}."
+                    eids += [pre + str(i) for i in range(start, end)]
+                room -= end - start
+                if end == len(items):
+                    pending.popleft()
+                    done.append(seq)
                 else:
-                    c.start = end
-            self._pending_pairs -= len(pairs)
-            if self._pending_pairs:
-                self._pending_since = time.monotonic()
-            batch = _Batch(pairs, eids, verify=False)
-            batch.done_seq = done_seq
+                    pending[0] = (seq, items, end, seen)
+            self._taken += len(pairs)
+            batch = _Batch(pairs, eids, done_seqs=done)
             if into is None:
                 into = deque()
             into.append(batch)
@@ -653,11 +724,11 @@ class ProvenanceWriteQueue:
         if len(todo) < 2:
             # Borrow the next pairs from memory as the probe.
             with self._lock:
-                have_more = bool(self._pending_pairs)
+                have_more = bool(self._pending)
             if not have_more:
                 return False
             nxt = self._take(into=todo)
-            batch.done_seq = nxt.done_seq  # the worker marks both written together
+            batch.done_seqs += nxt.done_seqs  # the worker marks both done together
         probe = todo[1]
         err = self._try_write(probe)
         if err is not None:
@@ -735,16 +806,15 @@ class ProvenanceWriteQueue:
             if self._spill_in_flight or self._n["spilled_files"] != generation:
                 return False  # a file was written since we looked: it goes first
             moved = False
-            while self._spill_buffer and self._pending_pairs + len(self._spill_buffer[0]) <= self.max_queue_size:
+            while self._spill_buffer and len(self._pending) < self.max_queue_size:
                 c = self._spill_buffer.popleft()
-                self._spill_buffer_pairs -= len(c)
+                self._spill_buffer_pairs -= _chunk_len(c)
+                self._accepted_elsewhere -= _chunk_len(c)  # counted again when taken
                 self._pending.append(c)
-                self._pending_pairs += len(c)
                 moved = True
             if not self._spill_buffer and not self._spill_in_flight:
                 self._spilling = False
-            if moved:
-                self._pending_since = time.monotonic()
+                self._fast = self._state is _RUNNING  # after the move: new chunks go behind it
             return moved
 
     def _replay_one(self) -> bool:
@@ -753,7 +823,7 @@ class ProvenanceWriteQueue:
         now = time.monotonic()
         files = [f for f in sd.replayable() if self._replay_skip.get(f[0], 0.0) <= now]
         if not files:
-            return False
+            return self._recover_lone_tmp_files()
         lock_fd = None
         if not files[0][1]:
             lock_fd = sd.acquire_replay_lock()
@@ -774,6 +844,19 @@ class ProvenanceWriteQueue:
         finally:
             sd.release_replay_lock(lock_fd)
 
+    def _recover_lone_tmp_files(self) -> bool:
+        """A dead writer's tmp file with no spill file beside it: recover it too (under the replay lock)."""
+        sd = self._spill
+        if not any(n.startswith(".") and n.endswith(".jsonl.tmp") for n in sd._names()):
+            return False
+        lock_fd = sd.acquire_replay_lock()
+        if lock_fd is None:
+            return False
+        try:
+            return bool(sd.recover_tmp_files())
+        finally:
+            sd.release_replay_lock(lock_fd)
+
     def _replay_file(self, claimed: Path, recovered: bool, name: str) -> None:
         stem = claimed.name.removesuffix(".claimed")
         try:
@@ -787,7 +870,6 @@ class ProvenanceWriteQueue:
             lines = good[start:start + self.replay_batch_pairs]
             batch = _Batch([(ln.record_id, ln.entry) for ln in lines], [ln.entry_id for ln in lines],
                                     verify=recovered or any(ln.seen for ln in lines))
-            batch.done_seq = 0
             self._deliver(batch, verify=batch.verify)
             with self._lock:
                 self._in_flight = None
@@ -798,10 +880,7 @@ class ProvenanceWriteQueue:
             self._spill.remove(claimed)
         emit(log, logging.INFO, "replay", file=stem, pairs=len(good), bad_lines=len(parsed.bad), verified=recovered)
         with self._lock:
-            last = self._own_file_seq.pop(name, None)
-            if last is not None and last > self._written_seq:
-                self._written_seq = last
-            self._written.notify_all()
+            self._mark_done(self._own_file_seqs.pop(name, ()))
 
     def _maintain(self) -> None:
         if not self._rows_since_maintain:
@@ -830,7 +909,7 @@ class ProvenanceWriteQueue:
                     while self._spill_buffer and count < self.spill_file_pairs:
                         c = self._spill_buffer.popleft()
                         chunks.append(c)
-                        count += len(c)
+                        count += _chunk_len(c)
                     self._spill_buffer_pairs -= count
                     self._spill_in_flight += count
                 ok = self._spill_chunks(chunks)
@@ -855,14 +934,14 @@ class ProvenanceWriteQueue:
     def _spill_chunks(self, chunks: list, before_ts: Optional[int] = None) -> bool:
         """Write chunks to one spill file. False when the directory failed (the chunks are untouched)."""
         lines, bad = [], []
-        last_seq = 0
+        seqs = [c[_SEQ] for c in chunks if c[_SEQ] > 0]
         for c in chunks:
-            last_seq = max(last_seq, c.seq)
-            if c.seen:
-                it = ((p, e, True) for p, e in c.pairs[c.start:])
+            seq, items, start, seen = c
+            if seen:
+                it = ((p, e, True) for p, e in items[start:])
             else:
-                pre = f"{self._prefix}{c.seq:x}."
-                it = ((p, pre + str(i), False) for i, p in enumerate(c.pairs[c.start:], c.start))
+                pre = f"{self._prefix}{seq:x}."
+                it = ((p, pre + str(i), False) for i, p in enumerate(items[start:], start))
             for (rid, entry), eid, seen in it:
                 try:
                     lines.append(encode_line(rid, entry, eid, seen))
@@ -882,8 +961,9 @@ class ProvenanceWriteQueue:
             if path is not None:
                 self._n["spilled_files"] += 1
                 self._n["spilled_pairs"] += len(lines)
-                if last_seq > 0:
-                    self._own_file_seq[path.name] = last_seq
+                self._own_file_seqs[path.name] = seqs  # done once the file is replayed
+            else:
+                self._mark_done(seqs)  # every line was quarantined
         if path is not None:
             emit(log, logging.INFO, "spill", file=path.name, pairs=len(lines))
         return True
@@ -893,7 +973,7 @@ class ProvenanceWriteQueue:
         before = self._spill.oldest_own_ts() if before_own_files else None
         if self._spill_chunks(chunks, before_ts=before):
             return
-        n = sum(len(c) for c in chunks)
+        n = sum(_chunk_len(c) for c in chunks)
         with self._lock:
             self._n["dropped"] += n
         emit(log, logging.ERROR, "drop", count=n, reason="stopping: neither the store nor the spill directory took them")
