@@ -40,15 +40,19 @@ Guarantees
    seconds for the store, then spills, and never raises. (CPython before 3.12
    keeps an empty slot per unregistered handler: 8 bytes per start/stop.)
 10. **Disk trouble.** When spilling fails (ENOSPC, EACCES, a read-only dir), the
-    entries stay in memory past ``max_queue_size`` up to ``max_memory_pairs``
-    while spilling is retried.
+    entries stay in memory — beyond the ``max_queue_size`` batches, up to
+    ``max_memory_pairs`` pairs more — while spilling is retried.
+
+Bounds: ``max_queue_size`` counts batches (enqueue calls) held for the store,
+as ``queue.Queue(maxsize)`` does; ``max_memory_pairs`` counts pairs held on
+their way to the spill directory.
 
 The one drop path: an entry is dropped only when memory already holds
 ``max_memory_pairs`` and the spill directory cannot be written, or when
 ``stop()`` finds neither the store nor the directory able to take what is
 left. Each drop is counted in ``stats().dropped`` and logged at ERROR with the
 count. Entries still in memory when the process is SIGKILLed are lost: at most
-``max_memory_pairs``.
+``max_queue_size`` batches plus ``max_memory_pairs`` pairs.
 """
 
 from __future__ import annotations
@@ -215,8 +219,8 @@ class ProvenanceWriteQueue:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if max_memory_pairs is None:
             max_memory_pairs = 4 * max_queue_size
-        if isinstance(max_memory_pairs, bool) or not isinstance(max_memory_pairs, int) or max_memory_pairs < max_queue_size:
-            raise ValueError(f"max_memory_pairs must be an int >= max_queue_size ({max_queue_size}), got {max_memory_pairs!r}")
+        if isinstance(max_memory_pairs, bool) or not isinstance(max_memory_pairs, int) or max_memory_pairs < 1:
+            raise ValueError(f"max_memory_pairs must be an int >= 1, got {max_memory_pairs!r}")
         self._store = store
         self.coalesce_s = coalesce_ms / 1000.0
         self.max_queue_size = max_queue_size
