@@ -234,13 +234,13 @@ class ProvenanceWriteQueue:
         self.spill_file_pairs = spill_file_pairs
         # Resolved now, not at first spill: the environment may change later.
         self.spill_dir = Path(spill_dir) if spill_dir is not None else default_spill_dir()
-        self._warn = RateLimiter()
         self._init_state()
         _live_queues.add(self)
 
     def _init_state(self) -> None:
         """Everything a forked child must not share with its parent."""
         self._lock = threading.Lock()
+        self._warn = RateLimiter()  # has a lock of its own
         self._written = threading.Condition(self._lock)  # flush() waits on it for _written_seq
         self._spill_room = threading.Condition(self._lock)  # enqueue waits on it for the spill thread
         self._wake = threading.Event()  # the worker waits on it for work, a flush, or stop
