@@ -47,7 +47,9 @@ from typing import Any, Optional
 from uuid import UUID
 
 import lancedb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.index import BTree
 
 __all__ = ["MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
@@ -95,6 +97,27 @@ class ProvenanceBatch(list):
         self.verify = verify
 
 
+_json_default = json.JSONEncoder().default
+# One C encoder for every entry: json.dumps with separators builds a JSONEncoder
+# (and a C encoder) per call, which is most of its cost for a small dict.
+# markers=None skips the circular-reference check; a circular entry then raises
+# RecursionError, and _encode_entries re-encodes it with json.dumps for the usual ValueError.
+_c_encode = (json.encoder.c_make_encoder(None, _json_default, json.encoder.encode_basestring_ascii, None,
+                                         ":", ",", False, False, True)
+             if json.encoder.c_make_encoder is not None else None)
+
+
+def _encode_entries(entries: list) -> list[str]:
+    """Each entry as compact JSON text, exactly as ``json.dumps(e, separators=(",", ":"))``."""
+    if _c_encode is None:
+        return [json.dumps(e, separators=(",", ":")) for e in entries]
+    try:
+        join = "".join
+        return [join(_c_encode(e, 0)) for e in entries]
+    except RecursionError:
+        return [json.dumps(e, separators=(",", ":")) for e in entries]
+
+
 def _sql_str_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -127,6 +150,7 @@ class MemoryStore:
         self._entry_prefix = f"s{secrets.token_hex(4)}-"
         self._entry_counter = itertools.count()
         self._known_ids: set[str] = set()
+        self._id_str_cache: dict[Any, str] = {}
         self._provenance_queue = None  # the live ProvenanceWriteQueue, or None
         self._toggle_lock = threading.Lock()
 
@@ -187,26 +211,53 @@ class MemoryStore:
             self.append_provenance_batch(pairs)
 
     def get(self, id: UUID | str) -> Optional[MemoryRecord]:
-        """The record with its provenance in append order, or None."""
+        """The record with its provenance in append order, or None.
+
+        The record row and its provenance rows are two indexed lookups
+        (BTree on ``records.id`` and ``provenance.record_id`` once
+        :meth:`maintain` has run); the provenance one runs on a helper thread
+        while this one fetches the record, so the latency is about the slower of the two.
+        """
         rid = str(UUID(str(id)))
-        rows = self._records.search().where(f"id = '{rid}'").limit(1).to_arrow()
+        result: list = []
+        helper = threading.Thread(target=self._provenance_into, args=(rid, result), name="iai_queue-get",
+                                  daemon=True)  # short-lived: no thread outlives the call
+        helper.start()
+        try:
+            rows = self._records.search().where(f"id = '{rid}'").limit(1).to_arrow()
+        finally:
+            helper.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
         if rows.num_rows == 0:
             return None
         row = rows.slice(0, 1).to_pylist()[0]
         return MemoryRecord(
             id=UUID(row["id"]), text=row["text"], embedding=list(row["embedding"]),
-            provenance=self._provenance_of(rid), created_at=row["created_at"])
+            provenance=result[0], created_at=row["created_at"])
+
+    def _provenance_into(self, rid: str, result: list) -> None:
+        try:
+            result.append(self._provenance_of(rid))
+        except BaseException as exc:  # handed to get() on the calling thread
+            result.append(exc)
 
     def _provenance_of(self, rid: str) -> list[dict]:
         rows = (self._provenance.search().where(f"record_id = '{rid}'")
                 .select(["entry_id", "seq", "entry"]).limit(None).to_arrow())
-        rows = rows.sort_by("seq")
+        if rows.num_rows > 1:
+            rows = rows.sort_by("seq")
+        eids = rows.column("entry_id")
+        texts = rows.column("entry").to_pylist()
+        loads = json.loads
+        if pc.count_distinct(eids).as_py() == len(texts):  # the common case: no id stored twice
+            return [loads(t) for t in texts]
         seen: set[str] = set()
         out = []
-        for eid, text in zip(rows.column("entry_id").to_pylist(), rows.column("entry").to_pylist()):
+        for eid, text in zip(eids.to_pylist(), texts):
             if eid not in seen:  # first write of an entry id wins; a late replay is a no-op
                 seen.add(eid)
-                out.append(json.loads(text))
+                out.append(loads(text))
         return out
 
     def count(self) -> int:
@@ -235,40 +286,70 @@ class MemoryStore:
         Unknown record ids are skipped; order is kept per record. Raises what
         LanceDB raises (the caller retries), or ``TypeError`` for an entry that
         is not JSON-serialisable.
+
+        Cost: one LanceDB ``add`` per call plus O(1) Python per pair (a cached
+        id string and one JSON encode); columns go to Arrow in bulk.
         """
-        if not pairs:
+        n = len(pairs)
+        if not n:
             return
         entry_ids = getattr(pairs, "entry_ids", None)
         if entry_ids is None:
-            entry_ids = [f"{self._entry_prefix}{next(self._entry_counter)}" for _ in pairs]
-        record_ids = [str(rid) for rid, _ in pairs]
-        keep = self._existing(record_ids, records_cache)
+            prefix, counter = self._entry_prefix, self._entry_counter
+            entry_ids = [f"{prefix}{next(counter)}" for _ in range(n)]
+        record_ids = self._id_strings(pairs)
+        keep = self._existing(record_ids, records_cache)  # None: all of them
         if getattr(pairs, "verify", False):
-            stored = self._stored_entry_ids(entry_ids)
-            keep = [i for i in keep if entry_ids[i] not in stored]
-        if not keep:
-            return
-        dumps = json.dumps
-        entries = [dumps(pairs[i][1], separators=(",", ":")) for i in keep]
+            stored = self._stored_entry_ids(entry_ids if keep is None else [entry_ids[i] for i in keep])
+            if stored:
+                keep = [i for i in (range(n) if keep is None else keep) if entry_ids[i] not in stored]
+        if keep is None:
+            entries = _encode_entries([p[1] for p in pairs])
+        else:
+            if not keep:
+                return
+            entries = _encode_entries([pairs[i][1] for i in keep])
+            record_ids = [record_ids[i] for i in keep]
+            entry_ids = [entry_ids[i] for i in keep]
+        m = len(entries)
         with self._seq_lock:
             base = max(time.time_ns(), self._last_seq + 1)
-            self._last_seq = base + len(keep) - 1
-        self._provenance.add(pa.table({
-            "record_id": [record_ids[i] for i in keep],
-            "entry_id": [entry_ids[i] for i in keep],
-            "seq": pa.array(range(base, base + len(keep)), pa.int64()),
-            "entry": entries,
-        }, schema=self._provenance_schema()))
+            self._last_seq = base + m - 1
+        self._provenance.add(pa.Table.from_arrays([
+            pa.array(record_ids, pa.string()),
+            pa.array(entry_ids, pa.string()),
+            pa.array(np.arange(base, base + m, dtype=np.int64)),
+            pa.array(entries, pa.string()),
+        ], schema=self._provenance_schema()))
 
-    def _existing(self, record_ids: list[str], records_cache) -> list[int]:
-        """Indexes into ``record_ids`` of records that exist."""
+    def _id_strings(self, pairs) -> list[str]:
+        """``str(record_id)`` of every pair, through a bounded cache (UUID.__str__ is slow Python)."""
+        cache = self._id_str_cache
+        if len(cache) > _KNOWN_IDS_MAX:
+            cache = self._id_str_cache = {}
+        get = cache.get
+        out = [get(rid) for rid, _ in pairs]
+        if None in out:
+            for i, s in enumerate(out):
+                if s is None:
+                    rid = pairs[i][0]
+                    out[i] = cache[rid] = str(rid)
+        return out
+
+    def _existing(self, record_ids: list[str], records_cache) -> Optional[list[int]]:
+        """Indexes into ``record_ids`` of records that exist; None when all of them do."""
         known = self._known_ids
         if records_cache:
             self._remember_ids(str(k) for k in records_cache)
+            known = self._known_ids
+        if known.issuperset(record_ids):
+            return None
         unknown = {r for r in record_ids if r not in known}
-        if unknown:
-            found = self._select_in(self._records, "id", unknown)
-            self._remember_ids(found)
+        found = self._select_in(self._records, "id", unknown)
+        self._remember_ids(found)
+        known = self._known_ids
+        if len(found) == len(unknown):
+            return None
         return [i for i, r in enumerate(record_ids) if r in known]
 
     def _remember_ids(self, ids: Iterable[str]) -> None:

@@ -1,0 +1,104 @@
+"""Issue 4, benchmark 5: RSS stays bounded over a sustained 10x overload.
+
+The store is throttled to ``--capacity`` entries/s (a wrapper sleeps after each
+real write); the caller enqueues 10x that (``--overload``) in 10-pair calls for
+``--seconds``. Memory holds at most max_memory_pairs; the rest spills to disk.
+RSS is sampled every 0.25 s; reported: baseline (before the load), max, last,
+and max minus the max of the first 10% of the run (growth after warm-up).
+
+    python scripts/bench_memory.py [--seconds 60] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from iai_queue import MemoryStore
+from iai_queue.bench import rss_bytes, seed_store
+
+MB = 1 << 20
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--capacity", type=int, default=2000, help="store capacity, entries/s (default 2000)")
+    ap.add_argument("--overload", type=float, default=10.0)
+    ap.add_argument("--records", type=int, default=500)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="iai-bench-memory-"))
+    try:
+        store = MemoryStore(work / "db", dim=384)
+        ids = seed_store(store, args.records, progress=False)
+        real = store.append_provenance_batch
+
+        def throttled(pairs, records_cache=None):
+            t0 = time.monotonic()
+            real(pairs, records_cache=records_cache)
+            time.sleep(max(0.0, len(pairs) / args.capacity - (time.monotonic() - t0)))
+
+        store.append_provenance_batch = throttled
+        q = store.enable_provenance_queue(spill_dir=work / "spill")
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def sampler():
+            t0 = time.monotonic()
+            while not stop.wait(0.25):
+                samples.append((time.monotonic() - t0, rss_bytes()))
+
+        base = rss_bytes()
+        th = threading.Thread(target=sampler, daemon=True)
+        th.start()
+        rate = args.capacity * args.overload  # entries/s
+        entry = {"ts": "2025-01-01T00:00:00+00:00", "cue": "what did we decide about the cache", "session_id": "b"}
+        t0 = time.monotonic()
+        sent, tick = 0, 0.01
+        max_mem_pairs = 0
+        while (now := time.monotonic() - t0) < args.seconds:
+            due = int(rate * now)
+            while sent + 10 <= due:
+                q.enqueue([(ids[(sent + j) % len(ids)], dict(entry, n=sent + j)) for j in range(10)])
+                sent += 10
+            st = q.stats()
+            max_mem_pairs = max(max_mem_pairs, st.pending + st.spill_buffered)
+            time.sleep(tick)
+        stop.set()
+        th.join()
+        st = q.stats()
+        store.disable_provenance_queue(timeout=1.0)
+        peak = max(r for _, r in samples)
+        early = [r for t, r in samples if t <= args.seconds * 0.1] or [base]
+        out = {"benchmark": "memory", "config": vars(args) | {"json": None},
+               "accepted": st.accepted, "written": st.written, "spilled_pairs": st.spilled_pairs,
+               "dropped": st.dropped, "max_in_memory_pairs": max_mem_pairs,
+               "max_memory_pairs_limit": q.max_memory_pairs, "max_queue_size_batches": q.max_queue_size,
+               "rss_baseline_mb": round(base / MB, 1), "rss_max_mb": round(peak / MB, 1),
+               "rss_last_mb": round(samples[-1][1] / MB, 1),
+               "rss_growth_after_warmup_mb": round((peak - max(early)) / MB, 1)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["targets"] = {"rss_bounded": out["rss_growth_after_warmup_mb"] < 50 and out["dropped"] == 0}
+    print(f"memory: {args.seconds:.0f} s at {args.overload:g}x overload ({rate:,.0f} entries/s offered, store takes "
+          f"{args.capacity:,}/s): accepted {out['accepted']:,}, written {out['written']:,}, spilled "
+          f"{out['spilled_pairs']:,}, dropped {out['dropped']}")
+    print(f"RSS: baseline {out['rss_baseline_mb']} MB, max {out['rss_max_mb']} MB, last {out['rss_last_mb']} MB, "
+          f"growth after the first 10% {out['rss_growth_after_warmup_mb']} MB; max pairs in memory "
+          f"{out['max_in_memory_pairs']:,} (documented bound: {out['max_queue_size_batches']:,} batches of 10 "
+          f"+ {out['max_memory_pairs_limit']:,} pairs)")
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in out["targets"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
