@@ -511,7 +511,7 @@ class ProvenanceWriteQueue:
     def _enqueue_slow(self, chunk: tuple) -> None:
         if self._state is _NEW and self._autostart:  # a forked child's first use
             self.start()
-            self.enqueue(list(chunk[_PAIRS]))
+            self._enqueue_locked(chunk)  # keeps its seq: a fresh one would leave this one never done
             return
         # After stop(): write now on the caller's thread, or spill behind what is on disk.
         items = chunk[_PAIRS]

@@ -145,7 +145,8 @@ def parse_line(raw: bytes, identity: str) -> SpillLine | str:
     eid = obj.get("eid")
     if eid is not None and not isinstance(eid, str):
         return f"'eid' is not a string: {eid!r}"[:200]
-    return SpillLine(uid, entry, eid if eid else identity, bool(obj.get("seen")), raw)
+    # No eid (an older writer): nothing tells whether the line landed before, so verify it.
+    return SpillLine(uid, entry, eid if eid else identity, bool(obj.get("seen")) or not eid, raw)
 
 
 def parse_file(path: Path, original_stem: str) -> ParsedSpill:
@@ -286,7 +287,7 @@ class SpillDirectory:
     def _names(self) -> list[str]:
         try:
             return os.listdir(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not created yet, or a file in the way
             return []
 
     def _is_own(self, name: str) -> bool:
@@ -395,6 +396,7 @@ class SpillDirectory:
         ``whole``: move that file there as it is (nothing in it was good).
         """
         bad = list(bad)
+        self.path.mkdir(parents=True, exist_ok=True)  # a poison pair may come before any spill
         ts = int(time.time())
         while (self.path / f"{stem}.failed-{ts}.jsonl").exists():
             ts += 1
