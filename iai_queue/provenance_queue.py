@@ -401,10 +401,11 @@ class ProvenanceWriteQueue:
         return await anyio.to_thread.run_sync(self.stop, timeout)
 
     async def aflush(self, timeout: float = 2.0) -> bool:
-        """:meth:`flush` on a worker thread: the event loop keeps running."""
+        """:meth:`flush` on a worker thread: the event loop keeps running. Cancellable at once."""
         import anyio.to_thread
 
-        return await anyio.to_thread.run_sync(self.flush, timeout)
+        # flush() only waits, so a cancelled caller may leave it behind; stop() must not be left.
+        return await anyio.to_thread.run_sync(self.flush, timeout, abandon_on_cancel=True)
 
     # -- the hot path ------------------------------------------------------------------
 
