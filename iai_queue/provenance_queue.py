@@ -823,7 +823,7 @@ class ProvenanceWriteQueue:
             return moved
 
     def _replay_one(self) -> bool:
-        """Replay the oldest spill file we may claim. True when it replayed (or quarantined) one."""
+        """Replay the oldest spill files we may claim. True when it replayed (or quarantined) any."""
         sd = self._spill
         now = time.monotonic()
         files = [f for f in sd.replayable() if self._replay_skip.get(f[0], 0.0) <= now]
@@ -837,14 +837,15 @@ class ProvenanceWriteQueue:
         try:
             if lock_fd is not None and sd.recover_tmp_files():
                 files = sd.replayable()
-            name, own = files[0]
+            own = files[0][1]
             if own != (lock_fd is None):
                 return True  # the picture changed under us: look again
-            try:
-                claimed, recovered = sd.claim(name)
-            except FileNotFoundError:
-                return True
-            self._replay_file(claimed, recovered, name)
+            run = []  # the oldest files of one kind (ours, or orphans under the lock), in order
+            for name, is_own in files:
+                if is_own != own:
+                    break
+                run.append(name)
+            self._replay_files(run)
             return True
         finally:
             sd.release_replay_lock(lock_fd)
@@ -862,30 +863,49 @@ class ProvenanceWriteQueue:
         finally:
             sd.release_replay_lock(lock_fd)
 
-    def _replay_file(self, claimed: Path, recovered: bool, name: str) -> None:
-        stem = claimed.name.removesuffix(".claimed")
-        try:
-            parsed = parse_file(claimed, stem)
-        except OSError as exc:
-            self._warn.emit(log, logging.WARNING, "replay.failed", key=stem, file=claimed.name, error=str(exc))
-            self._replay_skip[claimed.name] = time.monotonic() + self.idle_replay_s
-            return
-        good = parsed.good
-        for start in range(0, len(good), self.replay_batch_pairs):
-            lines = good[start:start + self.replay_batch_pairs]
-            batch = _Batch([(ln.record_id, ln.entry) for ln in lines], [ln.entry_id for ln in lines],
-                                    verify=recovered or any(ln.seen for ln in lines))
+    def _replay_files(self, names: list[str]) -> None:
+        """Claim, parse and write spill files oldest first.
+
+        Small files are gathered into one store write (a LanceDB commit costs
+        the same for 10 rows or 4000). A file is removed only after its lines
+        are written; a crash before that leaves it claimed, for a verified replay.
+        """
+        group = []
+        gathered = 0
+        for name in names:
+            try:
+                claimed, recovered = self._spill.claim(name)
+            except FileNotFoundError:
+                continue  # taken by someone else since we listed it
+            stem = claimed.name.removesuffix(".claimed")
+            try:
+                parsed = parse_file(claimed, stem)
+            except OSError as exc:
+                self._warn.emit(log, logging.WARNING, "replay.failed", key=stem, file=claimed.name, error=str(exc))
+                self._replay_skip[claimed.name] = time.monotonic() + self.idle_replay_s
+                continue
+            group.append((name, claimed, stem, recovered, parsed))
+            gathered += len(parsed.good)
+            if gathered >= self.replay_batch_pairs:
+                break
+        lines = [(ln, recovered) for _, _, _, recovered, parsed in group for ln in parsed.good]
+        for start in range(0, len(lines), self.replay_batch_pairs):
+            part = lines[start:start + self.replay_batch_pairs]
+            batch = _Batch([(ln.record_id, ln.entry) for ln, _ in part], [ln.entry_id for ln, _ in part],
+                           verify=any(recovered or ln.seen for ln, recovered in part))
             self._deliver(batch, verify=batch.verify)
             with self._lock:
                 self._in_flight = None
-                self._n["replayed"] += len(lines)
-        if parsed.bad:
-            self._quarantine(stem, parsed.bad, whole=claimed if not good else None)
-        if good or not parsed.bad:
-            self._spill.remove(claimed)
-        emit(log, logging.INFO, "replay", file=stem, pairs=len(good), bad_lines=len(parsed.bad), verified=recovered)
-        with self._lock:
-            self._mark_done(self._own_file_seqs.pop(name, ()))
+                self._n["replayed"] += len(part)
+        for name, claimed, stem, recovered, parsed in group:
+            if parsed.bad:
+                self._quarantine(stem, parsed.bad, whole=claimed if not parsed.good else None)
+            if parsed.good or not parsed.bad:
+                self._spill.remove(claimed)
+            emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.good), bad_lines=len(parsed.bad),
+                 verified=recovered)
+            with self._lock:
+                self._mark_done(self._own_file_seqs.pop(name, ()))
 
     def _maintain(self) -> None:
         if not self._rows_since_maintain:
@@ -906,6 +926,10 @@ class ProvenanceWriteQueue:
         while True:
             self._spill_wake.wait(1.0)
             self._spill_wake.clear()
+            if self._spill_buffer_pairs < min(self.spill_file_pairs, self.max_memory_pairs // 2):
+                # Under overload, wait a moment for more: few large files replay far
+                # faster than many small ones. Small enough that enqueue never waits.
+                self._stop_requested.wait(min(self.coalesce_s, 0.05))
             while True:
                 with self._lock:
                     if not self._spill_buffer:

@@ -55,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 from uuid import UUID
 
 __all__ = ["SpillDirectory", "SpillLine", "BadLine", "ParsedSpill", "default_spill_dir", "is_pending_name"]
@@ -84,8 +84,9 @@ def store_tag(store_path: os.PathLike[str] | str | None) -> str:
     return hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:8]
 
 
-@dataclass(frozen=True)
-class SpillLine:
+class SpillLine(NamedTuple):
+    """A good spill line. A NamedTuple: a replay builds one per line."""
+
     record_id: UUID
     entry: dict
     entry_id: str
@@ -134,12 +135,13 @@ def parse_line(raw: bytes, identity: str) -> SpillLine | str:
     rid, entry = obj.get("id"), obj.get("entry")
     if not isinstance(rid, str):
         return f"'id' missing or not a string: {rid!r}"[:200]
+    # UUID() also takes braces, "urn:uuid:" and no hyphens: only the canonical form is a spill id.
+    if len(rid) != 36 or rid[8] != "-" or rid[13] != "-" or rid[18] != "-" or rid[23] != "-":
+        return f"'id' is not a UUID in canonical form: {rid!r}"[:200]
     try:
         uid = UUID(rid)
     except ValueError:
-        return f"'id' is not a UUID: {rid!r}"[:200]
-    if str(uid) != rid.lower():
-        return f"'id' is not a canonical UUID: {rid!r}"[:200]
+        return f"'id' is not a UUID in canonical form: {rid!r}"[:200]
     if not isinstance(entry, dict):
         return f"'entry' missing or not an object: {type(entry).__name__}"
     eid = obj.get("eid")

@@ -78,7 +78,10 @@ def test_sigkill_while_spilling_keeps_every_spilled_pair(store, records, spill_d
 def test_sigkill_repeatedly_during_replay_then_drain_applies_each_once(store, records, spill_dir):
     ids = [r.id for r in records]
     expected = write_orphans(spill_dir, store.path, ids, files=20, per_file=200)
-    args = dict(db=str(store.path), spill_dir=str(spill_dir), deadline_s=20, linger_ms=150)
+    # One file per store write (the queue gathers small files into one by default),
+    # so a replay takes long enough for the kills to land in the middle of it.
+    args = dict(db=str(store.path), spill_dir=str(spill_dir), deadline_s=20, linger_ms=150,
+                opts={"replay_batch_pairs": 200, "max_batch_pairs": 200})
     kills = cut_short = 0
     for _ in range(5):
         if not pending_spill_files(spill_dir):
@@ -101,7 +104,8 @@ def test_sigkill_repeatedly_during_replay_then_drain_applies_each_once(store, re
 def test_two_processes_draining_one_killed_each_entry_once(store, records, spill_dir):
     ids = [r.id for r in records]
     expected = write_orphans(spill_dir, store.path, ids, files=20, per_file=150)
-    args = dict(db=str(store.path), spill_dir=str(spill_dir), deadline_s=25, linger_ms=30)
+    args = dict(db=str(store.path), spill_dir=str(spill_dir), deadline_s=25, linger_ms=30,
+                opts={"replay_batch_pairs": 150, "max_batch_pairs": 150})
     a, b = Reader(spawn("drain", **args)), Reader(spawn("drain", **args))
     try:
         a.wait_event("started", 20)
