@@ -885,24 +885,26 @@ class ProvenanceWriteQueue:
                 self._replay_skip[claimed.name] = time.monotonic() + self.idle_replay_s
                 continue
             group.append((name, claimed, stem, recovered, parsed))
-            gathered += len(parsed.good)
+            gathered += len(parsed.pairs)
             if gathered >= self.replay_batch_pairs:
                 break
-        lines = [(ln, recovered) for _, _, _, recovered, parsed in group for ln in parsed.good]
-        for start in range(0, len(lines), self.replay_batch_pairs):
-            part = lines[start:start + self.replay_batch_pairs]
-            batch = _Batch([(ln.record_id, ln.entry) for ln, _ in part], [ln.entry_id for ln, _ in part],
-                           verify=any(recovered or ln.seen for ln, recovered in part))
-            self._deliver(batch, verify=batch.verify)
+        pairs = [p for g in group for p in g[4].pairs]
+        entry_ids = [e for g in group for e in g[4].entry_ids]
+        # Lines that may have landed before (a crash mid-replay, a stuck write at
+        # stop, an older writer's line) make the store check ids first.
+        verify = any(recovered or parsed.seen for _, _, _, recovered, parsed in group)
+        for start in range(0, len(pairs), self.replay_batch_pairs):
+            end = start + self.replay_batch_pairs
+            self._deliver(_Batch(pairs[start:end], entry_ids[start:end], verify=verify), verify=verify)
             with self._lock:
                 self._in_flight = None
-                self._n["replayed"] += len(part)
+                self._n["replayed"] += len(pairs[start:end])
         for name, claimed, stem, recovered, parsed in group:
             if parsed.bad:
-                self._quarantine(stem, parsed.bad, whole=claimed if not parsed.good else None)
-            if parsed.good or not parsed.bad:
+                self._quarantine(stem, parsed.bad, whole=claimed if not parsed.pairs else None)
+            if parsed.pairs or not parsed.bad:
                 self._spill.remove(claimed)
-            emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.good), bad_lines=len(parsed.bad),
+            emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.pairs), bad_lines=len(parsed.bad),
                  verified=recovered)
             with self._lock:
                 self._mark_done(self._own_file_seqs.pop(name, ()))

@@ -55,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from uuid import UUID
 
 __all__ = ["SpillDirectory", "SpillLine", "BadLine", "ParsedSpill", "default_spill_dir", "is_pending_name"]
@@ -103,7 +103,11 @@ class BadLine:
 
 @dataclass
 class ParsedSpill:
-    good: list[SpillLine] = field(default_factory=list)
+    """A spill file's good lines as parallel lists (no object per line: replay is bulk work)."""
+
+    pairs: list[tuple[UUID, dict]] = field(default_factory=list)
+    entry_ids: list[str] = field(default_factory=list)
+    seen: bool = False  # some good line may already be in the store
     bad: list[BadLine] = field(default_factory=list)
 
 
@@ -122,12 +126,23 @@ def encode_line(record_id: UUID, entry: dict, entry_id: str, seen: bool) -> byte
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
-def parse_line(raw: bytes, identity: str) -> SpillLine | str:
-    """A parsed line, or the reason it is bad."""
+_decode_json = json.JSONDecoder().decode  # json.loads minus its per-call setup: replay parses every line
+
+
+def parse_line(raw: bytes, identity: Optional[str] = None, *, stem: str = "", lineno: int = 0) -> SpillLine | str:
+    """A parsed line, or the reason it is bad.
+
+    ``identity`` (else ``"<stem>:<lineno>"``) is the entry id of a line that has none.
+    """
+    parsed = _parse(raw, identity, stem, lineno)
+    return parsed if parsed.__class__ is str else SpillLine(*parsed, raw)
+
+
+def _parse(raw: bytes, identity: Optional[str], stem: str, lineno: int) -> tuple[UUID, dict, str, bool] | str:
     if len(raw) > MAX_LINE_BYTES:
         return f"line of {len(raw)} bytes exceeds {MAX_LINE_BYTES}"
     try:
-        obj = json.loads(raw)
+        obj = _decode_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         return f"not JSON: {exc}"
     if not isinstance(obj, dict):
@@ -148,36 +163,54 @@ def parse_line(raw: bytes, identity: str) -> SpillLine | str:
     if eid is not None and not isinstance(eid, str):
         return f"'eid' is not a string: {eid!r}"[:200]
     # No eid (an older writer): nothing tells whether the line landed before, so verify it.
-    return SpillLine(uid, entry, eid if eid else identity, bool(obj.get("seen")) or not eid, raw)
+    if not eid:
+        eid = identity if identity is not None else f"{stem}:{lineno}"
+        return uid, entry, eid, True
+    return uid, entry, eid, "seen" in obj and bool(obj["seen"])
+
+
+def _lines(f) -> Iterator[tuple[int, bytes, int]]:
+    """``(lineno, raw, length)`` per line. A line over MAX_LINE_BYTES comes back cut to
+    its first MAX_LINE_BYTES + 1 bytes (the rest is skipped, not held in memory)."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        length = len(raw)
+        if length > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:
+                chunk = f.readline(MAX_LINE_BYTES)
+                length += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+        yield lineno, raw, length
 
 
 def parse_file(path: Path, original_stem: str) -> ParsedSpill:
     out = ParsedSpill()
+    pairs, entry_ids, bad = out.pairs, out.entry_ids, out.bad
+    seen = False
     with open(path, "rb") as f:
-        lineno = 0
-        while True:
-            raw = f.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                break
-            lineno += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                rest = 0
-                while True:  # skip the rest of an overlong line without holding it in memory
-                    chunk = f.readline(MAX_LINE_BYTES)
-                    rest += len(chunk)
-                    if not chunk or chunk.endswith(b"\n"):
-                        break
-                out.bad.append(BadLine(lineno, raw[:4096], f"line of {len(raw) + rest} bytes exceeds {MAX_LINE_BYTES}"))
+        for lineno, raw, length in _lines(f):
+            if length > MAX_LINE_BYTES:
+                bad.append(BadLine(lineno, raw[:4096] + b"\n", f"line of {length} bytes exceeds {MAX_LINE_BYTES} "
+                                   "(only its first 4096 bytes are kept here)"))
                 continue
-            if not raw.strip():
+            if raw.isspace():
                 continue
-            parsed = parse_line(raw, f"{original_stem}:{lineno}")
-            if isinstance(parsed, str):
-                out.bad.append(BadLine(lineno, raw if raw.endswith(b"\n") else raw + b"\n", parsed))
+            parsed = _parse(raw, None, original_stem, lineno)
+            if parsed.__class__ is str:
+                bad.append(BadLine(lineno, raw if raw.endswith(b"\n") else raw + b"\n", parsed))
             else:
-                out.good.append(parsed)
-    if not out.good and not out.bad:
-        out.bad.append(BadLine(0, b"", "empty file"))
+                uid, entry, eid, line_seen = parsed
+                pairs.append((uid, entry))
+                entry_ids.append(eid)
+                seen = seen or line_seen
+    out.seen = seen
+    if not pairs and not bad:
+        bad.append(BadLine(0, b"", "empty file"))
     return out
 
 
