@@ -52,7 +52,8 @@ The one drop path: an entry is dropped only when memory already holds
 ``stop()`` finds neither the store nor the directory able to take what is
 left. Each drop is counted in ``stats().dropped`` and logged at ERROR with the
 count. Entries still in memory when the process is SIGKILLed are lost: at most
-``max_queue_size`` batches plus ``max_memory_pairs`` pairs.
+``max_queue_size`` batches, ``max_memory_pairs`` pairs on their way to disk, and
+the batch being written (``max_batch_pairs``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ import secrets
 import threading
 import time
 import weakref
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +209,7 @@ class ProvenanceWriteQueue:
                  max_batch_pairs: int = 256, spill_dir: str | os.PathLike[str] | None = None,
                  max_memory_pairs: Optional[int] = None, exit_timeout: float = 2.0,
                  retry_initial_s: float = 0.05, retry_max_s: float = 5.0, idle_replay_s: float = 5.0,
-                 replay_batch_pairs: int = 4096, spill_file_pairs: int = 8192):
+                 replay_batch_pairs: int = 8192, spill_file_pairs: int = 8192):
         for name, value in (("coalesce_ms", coalesce_ms), ("exit_timeout", exit_timeout),
                             ("retry_initial_s", retry_initial_s), ("retry_max_s", retry_max_s),
                             ("idle_replay_s", idle_replay_s)):
@@ -257,7 +259,7 @@ class ProvenanceWriteQueue:
         self._spill_in_flight = 0  # pairs the spill thread is writing right now
         self._spilling = False  # once set, new entries go behind the spill until it drains
         self._spill_failing = False  # the last spill write failed; cleared by the next success
-        self._own_file_seqs: dict[str, list[int]] = {}  # our spill file -> the enqueue calls it completes
+        self._own_file_seqs: dict[str, array] = {}  # our spill file -> the enqueue calls it completes
         self._written_seq = 0  # every seq up to this one is done: written, quarantined or dropped
         self._done_above: list[int] = []  # a heap of done seqs above _written_seq
         self._flush_waiters = 0
@@ -943,11 +945,11 @@ class ProvenanceWriteQueue:
                         count += _chunk_len(c)
                     self._spill_buffer_pairs -= count
                     self._spill_in_flight += count
-                ok = self._spill_chunks(chunks)
+                ok = self._spill_chunks(chunks, in_flight=count)
                 with self._lock:
-                    self._spill_in_flight -= count
                     self._spill_failing = not ok
                     if not ok:  # back to the front, in order; retried below
+                        self._spill_in_flight -= count
                         self._spill_buffer.extendleft(reversed(chunks))
                         self._spill_buffer_pairs += count
                     self._spill_room.notify_all()
@@ -962,10 +964,14 @@ class ProvenanceWriteQueue:
             if self._state is not _RUNNING:
                 return
 
-    def _spill_chunks(self, chunks: list, before_ts: Optional[int] = None) -> bool:
-        """Write chunks to one spill file. False when the directory failed (the chunks are untouched)."""
+    def _spill_chunks(self, chunks: list, before_ts: Optional[int] = None, in_flight: int = 0) -> bool:
+        """Write chunks to one spill file. False when the directory failed (the chunks are untouched).
+
+        ``in_flight``: pairs of these chunks counted in _spill_in_flight, moved
+        to the spilled counters in the same step so stats() never counts them twice.
+        """
         lines, bad = [], []
-        seqs = [c[_SEQ] for c in chunks if c[_SEQ] > 0]
+        seqs = array("q", (c[_SEQ] for c in chunks if c[_SEQ] > 0))  # 8 bytes a chunk while on disk
         for c in chunks:
             seq, items, start, seen = c
             if seen:
@@ -989,6 +995,7 @@ class ProvenanceWriteQueue:
         if bad:
             self._quarantine(f"{self._spill.writer}-unencodable", bad)
         with self._lock:
+            self._spill_in_flight -= in_flight
             if path is not None:
                 self._n["spilled_files"] += 1
                 self._n["spilled_pairs"] += len(lines)

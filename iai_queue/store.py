@@ -412,12 +412,12 @@ class MemoryStore:
 
     def queue_provenance_batch(self, pairs: Sequence[tuple[UUID | str, dict]]) -> None:
         """Hand pairs to the live queue, or append them now on this thread."""
-        from .provenance_queue import validate_pairs
-
         q = self._provenance_queue
         if q is not None:
             q.enqueue(pairs)
         else:
+            from .provenance_queue import validate_pairs
+
             # Same checks as enqueue: bad input fails the same way whichever path is live.
             self.append_provenance_batch(list(validate_pairs(pairs)), records_cache=None)
 
