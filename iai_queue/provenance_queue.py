@@ -328,6 +328,8 @@ class ProvenanceWriteQueue:
         timeout = self.exit_timeout if timeout is None else timeout
         atexit.unregister(self._at_exit)
         with self._lock:
+            if self._state is _CLOSING:  # another thread is stopping it: wait for that to finish
+                self._written.wait_for(lambda: self._state is _STOPPED, timeout + 2.0)
             if self._state in (_STOPPED, _CLOSING):
                 return self._all_done()
             started = self._state == _RUNNING

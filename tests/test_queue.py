@@ -326,3 +326,24 @@ def test_spilled_at_stop_when_the_store_is_stuck(store, records, gate, spill_dir
         assert q2.flush()
     # {"n": 1} may have been written by the stuck call too: it still shows once.
     assert [e["n"] for e in store.get(records[0].id).provenance] == [1, 2]
+
+
+def test_concurrent_stops_both_return_after_the_drain(store, records):
+    real = store.append_provenance_batch
+
+    def slow(pairs, records_cache=None):
+        time.sleep(0.2)
+        return real(pairs, records_cache=records_cache)
+
+    store.append_provenance_batch = slow
+    q = ProvenanceWriteQueue(store, coalesce_ms=10_000)
+    q.start()
+    q.enqueue([(records[0].id, {"n": 1})])
+    results = []
+    ts = [threading.Thread(target=lambda: results.append(q.stop(5.0))) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert results == [True, True]
+    assert store.get(records[0].id).provenance == [{"n": 1}]
