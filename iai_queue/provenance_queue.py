@@ -185,6 +185,21 @@ def _chunk_len(c: tuple) -> int:
     return len(c[_PAIRS]) - c[_START]
 
 
+def _seq_ranges(seqs) -> array:
+    """Seqs (ascending) as flat (first, last) runs: a spill file's calls are mostly consecutive."""
+    out = array("q")
+    for s in seqs:
+        if out and s == out[-1] + 1:
+            out[-1] = s
+        else:
+            out.extend((s, s))
+    return out
+
+
+def _expand(runs):
+    return (s for i in range(0, len(runs), 2) for s in range(runs[i], runs[i + 1] + 1))
+
+
 _live_queues: "weakref.WeakSet[ProvenanceWriteQueue]" = weakref.WeakSet()
 
 
@@ -259,7 +274,7 @@ class ProvenanceWriteQueue:
         self._spill_in_flight = 0  # pairs the spill thread is writing right now
         self._spilling = False  # once set, new entries go behind the spill until it drains
         self._spill_failing = False  # the last spill write failed; cleared by the next success
-        self._own_file_seqs: dict[str, array] = {}  # our spill file -> the enqueue calls it completes
+        self._own_file_seqs: dict[str, array] = {}  # our spill file -> its enqueue calls, as (first, last) runs
         self._written_seq = 0  # every seq up to this one is done: written, quarantined or dropped
         self._done_above: list[int] = []  # a heap of done seqs above _written_seq
         self._flush_waiters = 0
@@ -911,7 +926,7 @@ class ProvenanceWriteQueue:
             emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.pairs), bad_lines=len(parsed.bad),
                  verified=recovered)
             with self._lock:
-                self._mark_done(self._own_file_seqs.pop(name, ()))
+                self._mark_done(_expand(self._own_file_seqs.pop(name, ())))
 
     def _maintain(self) -> None:
         if not self._rows_since_maintain:
@@ -973,7 +988,7 @@ class ProvenanceWriteQueue:
         to the spilled counters in the same step so stats() never counts them twice.
         """
         lines, bad = [], []
-        seqs = array("q", (c[_SEQ] for c in chunks if c[_SEQ] > 0))  # 8 bytes a chunk while on disk
+        seqs = _seq_ranges(c[_SEQ] for c in chunks if c[_SEQ] > 0)  # consecutive calls: one range
         for c in chunks:
             seq, items, start, seen = c
             if seen:

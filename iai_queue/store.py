@@ -58,6 +58,11 @@ RECORDS = "records"
 PROVENANCE = "provenance"
 _IN_LIST_CHUNK = 1000  # ids per "IN (...)" filter: keeps the SQL text small
 _KNOWN_IDS_MAX = 1_000_000  # cap on the cache of ids known to exist
+# LanceDB's defaults (1 GiB metadata, 6 GiB index cache) never evict for us: the
+# metadata cache keeps every table version's manifest, O(fragments) each, so
+# under sustained appends without compaction it grows ~versions x fragments.
+_METADATA_CACHE_BYTES = 32 << 20
+_INDEX_CACHE_BYTES = 256 << 20
 
 
 def default_store_path() -> Path:
@@ -139,7 +144,9 @@ class MemoryStore:
         self.dim = dim
         self.path.mkdir(parents=True, exist_ok=True)
         # interval 0: every read sees what other processes committed.
-        self._db = lancedb.connect(self.path, read_consistency_interval=timedelta(0))
+        self._db = lancedb.connect(self.path, read_consistency_interval=timedelta(0),
+                                   session=lancedb.Session(index_cache_size_bytes=_INDEX_CACHE_BYTES,
+                                                           metadata_cache_size_bytes=_METADATA_CACHE_BYTES))
         self._records = self._open_or_create(RECORDS, self._records_schema())
         self._provenance = self._open_or_create(PROVENANCE, self._provenance_schema())
         found = self._records.schema.field("embedding").type
