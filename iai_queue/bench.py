@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 from uuid import UUID
 
 __all__ = ["add_arguments", "run", "percentiles", "seed_store", "random_ids", "print_table", "StoreGate"]

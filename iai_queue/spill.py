@@ -592,20 +592,10 @@ def inspect_file(path: os.PathLike[str] | str) -> list[LineReport]:
     stem = _stem(path.name)
     out = []
     with open(path, "rb") as f:
-        lineno = 0
-        while True:
-            raw = f.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                break
-            lineno += 1
-            size = len(raw)
-            if size > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while (chunk := f.readline(MAX_LINE_BYTES)) and not chunk.endswith(b"\n"):
-                    size += len(chunk)
-                size += len(chunk)
-            if not raw.strip():
+        for lineno, raw, size in _lines(f):
+            if raw.isspace():
                 continue
-            parsed = parse_line(raw, f"{stem}:{lineno}") if size <= MAX_LINE_BYTES else (
+            parsed = parse_line(raw, stem=stem, lineno=lineno) if size <= MAX_LINE_BYTES else (
                 f"line of {size} bytes exceeds {MAX_LINE_BYTES}")
             if isinstance(parsed, str):
                 out.append(LineReport(lineno, size, parsed))

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from uuid import UUID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -8,7 +8,6 @@ import pytest
 
 from iai_queue import ProvenanceWriteQueue, adispatch
 
-from conftest import DIM, Gate
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import time
-from collections import defaultdict
 from uuid import UUID
 
 import pytest

@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -566,7 +565,6 @@ def test_toggle_200_times_under_concurrent_recalls(store, records, spill_dir):
     fds0 = len(os.listdir("/proc/self/fd"))
 
     stop = threading.Event()
-    hits: dict[str, list[str]] = defaultdict(list)  # record id -> cues, in call order per thread
     per_thread: dict[int, list] = defaultdict(list)
     errors = []
 

@@ -1,7 +1,6 @@
 import atexit
 import gc
 import json
-import os
 import threading
 import time
 import uuid
@@ -287,7 +286,7 @@ def test_spill_files_from_older_writers_are_replayed_oldest_first(store, records
     (spill_dir / "a-older.jsonl").write_text("".join(json.dumps({"id": rid, "entry": {"n": i}}) + "\n" for i in range(3)))
     (spill_dir / "b-newer.jsonl").write_text(json.dumps({"id": rid, "entry": {"n": 3}}) + "\n")
     with ProvenanceWriteQueue(store) as q:
-        assert wait_until(lambda: not list(spill_dir.glob("*.jsonl")))
+        assert wait_until(lambda: not list(spill_dir.glob("*.jsonl")) + list(spill_dir.glob("*.claimed")))
         assert q.flush()
     assert [e["n"] for e in store.get(records[0].id).provenance] == [0, 1, 2, 3]
 
@@ -300,8 +299,9 @@ def test_garbage_spill_file_is_quarantined_within_6_5s(store, records, spill_dir
     with ProvenanceWriteQueue(store) as q:
         assert wait_until(lambda: list(spill_dir.glob("bad.failed-*.jsonl")), timeout=6.5)
         assert time.monotonic() - t0 < 6.5
-        assert wait_until(lambda: not (spill_dir / "good.jsonl").exists())
-        assert q.stats().quarantined_files == 1
+        assert wait_until(lambda: not list(spill_dir.glob("good.*")))  # gone, not just claimed
+        assert q.flush()
+        assert wait_until(lambda: q.stats().quarantined_files == 1)
     failed = list(spill_dir.glob("bad.failed-*.jsonl"))[0]
     assert failed.read_bytes() == b"\x00\xffnot json at all\n{{{\n"  # kept, byte for byte
     assert failed.with_suffix(".reason").read_text()
@@ -322,7 +322,7 @@ def test_spilled_at_stop_when_the_store_is_stuck(store, records, gate, spill_dir
     assert [l["entry"]["n"] for l in lines] == [1, 2]
     gate.open()
     with ProvenanceWriteQueue(store) as q2:
-        assert wait_until(lambda: not list(spill_dir.glob("*.jsonl")))
+        assert wait_until(lambda: not list(spill_dir.glob("*.jsonl")) + list(spill_dir.glob("*.claimed")))
         assert q2.flush()
     # {"n": 1} may have been written by the stuck call too: it still shows once.
     assert [e["n"] for e in store.get(records[0].id).provenance] == [1, 2]
