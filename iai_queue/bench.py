@@ -101,6 +101,13 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], file=None
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))), file=out)
 
 
+def report_targets(result: dict, json_path: str | None) -> None:
+    """The closing ``targets:`` line every benchmark prints, and its ``--json`` file."""
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; falls back to ru_maxrss)."""
     try:

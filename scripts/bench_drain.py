@@ -30,7 +30,7 @@ import lancedb
 import pyarrow as pa
 
 from iai_queue import MemoryStore
-from iai_queue.bench import print_table, seed_store
+from iai_queue.bench import print_table, report_targets, seed_store
 
 ENTRY = {"ts": "2025-01-01T00:00:00+00:00", "cue": "what did we decide about the cache", "session_id": "bench"}
 
@@ -160,9 +160,7 @@ def main(argv=None) -> int:
                  [f"merge_insert RMW, {args.merge_batch}/write ({merge['entries']} entries)", mi, f"{merge['seconds']:.2f}",
                   out["ratio"]["queue_vs_merge_insert"]]])
     print("all entries landed: " + ("OK" if out["ok"] else "MISMATCH"))
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in out["targets"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    report_targets(out, args.json)
     return 0 if out["ok"] else 1
 
 

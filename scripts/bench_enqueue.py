@@ -15,7 +15,6 @@ inside append_provenance_batch ("worker busy").
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_queue import ReferenceWriteBehind  # noqa: E402
 
 from iai_queue import MemoryStore  # noqa: E402
-from iai_queue.bench import percentiles, print_table, seed_store  # noqa: E402
+from iai_queue.bench import percentiles, print_table, report_targets, seed_store  # noqa: E402
 
 
 class BusyMeter:
@@ -138,9 +137,7 @@ def main(argv=None) -> int:
     ok = result["queue_written"] == result["queue_accepted"]
     print(f"written: queue {result['queue_written']}/{result['queue_accepted']}, reference {result['reference_written']}"
           f" -> {'OK' if ok else 'MISMATCH'}")
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result["targets"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report_targets(result, args.json)
     return 0 if ok else 1
 
 

@@ -12,7 +12,6 @@ measures get() of random records again. Also reports get() before maintain().
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from iai_queue import MemoryStore
-from iai_queue.bench import percentiles, print_table, seed_store
+from iai_queue.bench import percentiles, print_table, report_targets, seed_store
 
 
 def time_gets(store, ids, n, rnd, expect=None) -> tuple[dict, bool]:
@@ -84,9 +83,7 @@ def main(argv=None) -> int:
                  ["1M rows, after maintain()", out["get_ms"]["p50"], out["get_ms"]["p99"], out["get_ms"]["n"]]])
     print(f"bulk append {out['append_entries_per_s']:,} entries/s; maintain() {out['maintain_s']} s; "
           f"after/baseline p50 {out['ratio_vs_empty_p50']}x; results {'OK' if out['ok'] else 'WRONG'}")
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in out["targets"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    report_targets(out, args.json)
     return 0 if out["ok"] else 1
 
 

@@ -22,7 +22,6 @@ after warm-up (MB/min), which is what a slow leak shows up in.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from iai_queue import MemoryStore
-from iai_queue.bench import rss_bytes, seed_store
+from iai_queue.bench import report_targets, rss_bytes, seed_store
 
 MB = 1 << 20
 
@@ -131,9 +130,7 @@ def main(argv=None) -> int:
     print(f"max pairs in memory "
           f"{out['max_in_memory_pairs']:,} (documented bound: {out['max_queue_size_batches']:,} batches of 10 "
           f"+ {out['max_memory_pairs_limit']:,} pairs)")
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in out["targets"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    report_targets(out, args.json)
     return 0
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from iai_queue import MemoryStore
-from iai_queue.bench import StoreGate, percentiles, print_table, seed_store
+from iai_queue.bench import StoreGate, percentiles, print_table, report_targets, seed_store
 
 ENTRY = {"ts": "2025-01-01T00:00:00+00:00", "cue": "what did we decide about the cache", "session_id": "bench"}
 
@@ -115,9 +114,7 @@ def main(argv=None) -> int:
     print(f"replay: {out['replayed']} entries from {out['spilled_files']} spill files in {out['replay_seconds']} s = "
           f"{out['replay_entries_per_s']:,}/s; store alone (4096-pair appends) {out['direct_append_entries_per_s']:,}/s "
           f"-> {out['ratio_replay_vs_direct']}x; landed {out['landed']} -> {'OK' if out['ok'] else 'MISMATCH'}")
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in out["targets"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    report_targets(out, args.json)
     return 0 if out["ok"] else 1
 
 
