@@ -1002,10 +1002,21 @@ class ProvenanceWriteQueue:
                 except (TypeError, ValueError) as exc:
                     bad.append(BadLine(0, (repr({"id": str(rid), "entry": entry, "eid": eid}) + "\n").encode(),
                                        f"entry cannot be written as JSON: {exc}"))
+        named: list[str] = []
+
+        def register(name: str) -> None:
+            # Before the rename: our own worker may replay the file at once and
+            # must find the enqueue calls it completes.
+            named.append(name)
+            with self._lock:
+                self._own_file_seqs[name] = seqs
+
         try:
-            path = self._spill.write(lines, before_ts=before_ts) if lines else None
+            path = self._spill.write(lines, before_ts=before_ts, on_named=register) if lines else None
         except OSError as exc:
             with self._lock:
+                for name in named:  # the file never appeared
+                    self._own_file_seqs.pop(name, None)
                 self._n["spill_errors"] += 1
             self._warn.emit(log, logging.ERROR, "spill.failed", key=exc.errno, dir=str(self.spill_dir), error=str(exc))
             return False
@@ -1016,7 +1027,6 @@ class ProvenanceWriteQueue:
             if path is not None:
                 self._n["spilled_files"] += 1
                 self._n["spilled_pairs"] += len(lines)
-                self._own_file_seqs[path.name] = seqs  # done once the file is replayed
             else:
                 self._mark_done(seqs)  # every line was quarantined
         if path is not None:

@@ -55,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 from uuid import UUID
 
 __all__ = ["SpillDirectory", "SpillLine", "BadLine", "ParsedSpill", "default_spill_dir", "is_pending_name"]
@@ -274,11 +274,14 @@ class SpillDirectory:
             # Held while this queue lives: our files are ours to replay, in order.
             self._writer_fd = _try_flock(self.path / f".writer-{self.writer}.lock")
 
-    def write(self, lines: Sequence[bytes], *, before_ts: Optional[int] = None) -> Path:
+    def write(self, lines: Sequence[bytes], *, before_ts: Optional[int] = None,
+              on_named: Optional[Callable[[str], None]] = None) -> Path:
         """Write ``lines`` as a new spill file, durably; returns its path.
 
         ``before_ts``: name the file older than this timestamp, so it replays
         before files already written (used when older pairs are spilled late).
+        ``on_named``: called with the file's name before it becomes visible
+        (a replayer may take it the moment it is renamed into place).
         Raises OSError (ENOSPC, EACCES, EROFS, …); nothing is left behind then.
         """
         with self._write_lock:
@@ -294,6 +297,8 @@ class SpillDirectory:
             fcntl.flock(fd, fcntl.LOCK_EX)  # tells a recoverer this tmp is alive
             _write_all(fd, b"".join(lines))
             os.fsync(fd)
+            if on_named is not None:
+                on_named(name)
             os.rename(tmp, self.path / name)
         except BaseException:
             try:
