@@ -1,5 +1,6 @@
 import random
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def records(store) -> list[MemoryRecord]:
     recs = make_records(20)
     store.insert_many(recs)
     return recs
+
+
+def slow_store(store, delay: float) -> None:
+    """Wraps store.append_provenance_batch (the sanctioned fault seam): every write takes ``delay`` longer."""
+    real = store.append_provenance_batch
+
+    def slow(pairs, records_cache=None):
+        time.sleep(delay)
+        return real(pairs, records_cache=records_cache)
+
+    store.append_provenance_batch = slow
 
 
 class Gate:

@@ -6,6 +6,7 @@ from datetime import datetime
 
 import pytest
 
+from conftest import slow_store
 from iai_queue import ProvenanceWriteQueue, dispatch
 
 
@@ -32,13 +33,7 @@ def test_recall_returns_hits_and_queues_provenance_in_hit_order(store, records):
 
 
 def test_recall_is_not_slowed_by_a_slow_store(store, records):
-    real = store.append_provenance_batch
-
-    def slow(pairs, records_cache=None):
-        time.sleep(0.5)
-        return real(pairs, records_cache=records_cache)
-
-    store.append_provenance_batch = slow
+    slow_store(store, 0.5)
     store.enable_provenance_queue()
     try:
         recall(store, records[0], k=1)  # warm-up: LanceDB opens its files on first search

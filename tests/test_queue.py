@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 
+from conftest import slow_store
 from iai_queue import ProvenanceWriteQueue
 
 
@@ -18,16 +19,6 @@ def wait_until(predicate, timeout=5.0, interval=0.005):
             return True
         time.sleep(interval)
     return predicate()
-
-
-def slow_store(store, delay):
-    real = store.append_provenance_batch
-
-    def slow(pairs, records_cache=None):
-        time.sleep(delay)
-        return real(pairs, records_cache=records_cache)
-
-    store.append_provenance_batch = slow
 
 
 # -- enqueue ------------------------------------------------------------------------
@@ -329,13 +320,7 @@ def test_spilled_at_stop_when_the_store_is_stuck(store, records, gate, spill_dir
 
 
 def test_concurrent_stops_both_return_after_the_drain(store, records):
-    real = store.append_provenance_batch
-
-    def slow(pairs, records_cache=None):
-        time.sleep(0.2)
-        return real(pairs, records_cache=records_cache)
-
-    store.append_provenance_batch = slow
+    slow_store(store, 0.2)
     q = ProvenanceWriteQueue(store, coalesce_ms=10_000)
     q.start()
     q.enqueue([(records[0].id, {"n": 1})])
