@@ -245,9 +245,10 @@ def _store_dim(path: Path) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .provenance_queue import ProvenanceWriteQueue
-    from .spill import SpillDirectory, status, store_tag
+    from .spill import status, store_tag
     from .store import MemoryStore
+    from .writebehind import Replayer
+    from .writebehind.lifecycle import GiveUp, StopSignal
 
     spill_dir = _spill_dir(args)
     store_path: Path = args.store
@@ -285,39 +286,39 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("iai-queue: %(levelname)s %(message)s"))
     handler.setLevel(logging.WARNING)
     pkg_log = logging.getLogger("iai_queue")
-    view = SpillDirectory(spill_dir, store_path=store_path)  # only lists; never writes
-    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, idle_replay_s=0.5, retry_max_s=1.0)
+    replayer = Replayer.for_store(store, spill_dir)
+    counts = replayer.ledger.n
     left: list = []
+    gave_up = False
     pkg_log.addHandler(handler)
     try:
-        q.start()
-        last_left: Optional[tuple] = None
-        last_replayed = -1
         last_progress = time.monotonic()
         while True:
-            left = view.replayable()
-            replayed = q.stats().replayed
-            if tuple(left) != last_left or replayed != last_replayed:
-                if last_left is not None:
-                    _err(f"  {replayed} entries replayed, {_plural(len(left), 'file')} left")
-                last_left, last_replayed, last_progress = tuple(left), replayed, time.monotonic()
-            if not left:
+            stop = StopSignal()
+            stop.deadline = last_progress + args.timeout  # a failing store: give up after this long without progress
+            progressed = False
+            try:
+                progressed = replayer.replay_some(stop)
+            except GiveUp:
+                gave_up = True
+            left = replayer.directory.replayable()
+            if progressed and not gave_up:
+                last_progress = time.monotonic()
+                _err(f"  {counts['replayed']} entries replayed, {_plural(len(left), 'file')} left")
+            if not left or gave_up or time.monotonic() - last_progress > args.timeout:
                 break
-            if time.monotonic() - last_progress > args.timeout:
-                break
-            time.sleep(0.2)
+            if not progressed:
+                time.sleep(0.2)  # another process holds the replay lock
     finally:
-        q.stop(timeout=5.0)
         pkg_log.removeHandler(handler)
-    st = q.stats()
     code = 0
-    _err(f"replayed {st.replayed} entries into {store_path}")
-    if st.quarantined_lines:
-        _err(f"{_plural(st.quarantined_lines, 'line')} quarantined: see iai-queue spill status --dir {spill_dir}")
+    _err(f"replayed {counts['replayed']} entries into {store_path}")
+    if counts["quarantined_lines"]:
+        _err(f"{_plural(counts['quarantined_lines'], 'line')} quarantined: see iai-queue spill status --dir {spill_dir}")
         code = 1
     if left:
         _err(f"gave up after {args.timeout:g}s without progress: {_plural(len(left), 'file')} left "
-             f"({st.store_errors} store errors); they stay on disk and are replayed later")
+             f"({counts['store_errors']} store errors); they stay on disk and are replayed later")
         code = 1
     return code
 

@@ -69,6 +69,6 @@ async def adispatch(store: Any, op: str, args: Any) -> Any:
     cue, session_id, emb, k = _parse_recall(store, args)
     hits = await anyio.to_thread.run_sync(store.search, emb, k)
     # Enqueue never blocks; with the queue disabled this is the synchronous write, so it goes to a thread too.
-    if getattr(store, "_provenance_queue", None) is not None:
+    if getattr(store, "provenance_queue", None) is not None:
         return _record_provenance(store, hits, cue, session_id)
     return await anyio.to_thread.run_sync(_record_provenance, store, hits, cue, session_id)

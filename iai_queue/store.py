@@ -52,6 +52,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree
 
+from .pairs import ProvenanceBatch, validate_pairs
+
 __all__ = ["MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
 
 RECORDS = "records"
@@ -81,25 +83,6 @@ class MemoryRecord:
     embedding: list[float]
     provenance: list[dict] = field(default_factory=list)
     created_at: datetime = field(default_factory=_utcnow)
-
-
-class ProvenanceBatch(list):
-    """A list of ``(UUID, dict)`` pairs that also carries one entry id per pair.
-
-    It is what the queue hands to ``store.append_provenance_batch``; being a
-    list, a wrapper installed on the store sees the ordinary pairs.
-    ``verify`` says the batch may have been applied before (a retry after a
-    failure, a replay of a spill file): the store then skips ids it has.
-    """
-
-    __slots__ = ("entry_ids", "verify")
-
-    def __init__(self, pairs: Iterable, entry_ids: Sequence[str], verify: bool = False):
-        super().__init__(pairs)
-        if len(entry_ids) != len(self):
-            raise ValueError(f"{len(entry_ids)} entry ids for {len(self)} pairs")
-        self.entry_ids = list(entry_ids)
-        self.verify = verify
 
 
 _json_default = json.JSONEncoder().default
@@ -158,7 +141,7 @@ class MemoryStore:
         self._entry_counter = itertools.count()
         self._known_ids: set[str] = set()
         self._id_str_cache: dict[Any, str] = {}
-        self._provenance_queue = None  # the live ProvenanceWriteQueue, or None
+        self._provenance_queue = None  # the live ProvenanceWriteQueue, or None (seed contract: kept)
         self._toggle_lock = threading.Lock()
 
     # -- schema -----------------------------------------------------------------
@@ -394,12 +377,17 @@ class MemoryStore:
 
     # -- the provenance queue toggle -------------------------------------------------
 
+    @property
+    def provenance_queue(self):
+        """The live :class:`~iai_queue.ProvenanceWriteQueue`, or None when writes are synchronous."""
+        return self._provenance_queue
+
     def enable_provenance_queue(self, coalesce_ms: float = 50, **queue_options: Any):
         """Start routing :meth:`queue_provenance_batch` through a write-behind queue.
 
         Idempotent: when a queue is already live it is returned unchanged.
         """
-        from .provenance_queue import ProvenanceWriteQueue
+        from .writebehind import ProvenanceWriteQueue
 
         with self._toggle_lock:
             if self._provenance_queue is None:
@@ -423,8 +411,6 @@ class MemoryStore:
         if q is not None:
             q.enqueue(pairs)
         else:
-            from .provenance_queue import validate_pairs
-
             # Same checks as enqueue: bad input fails the same way whichever path is live.
             self.append_provenance_batch(list(validate_pairs(pairs)), records_cache=None)
 

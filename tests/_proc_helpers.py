@@ -288,7 +288,7 @@ def _child_spill_forever(a: dict) -> None:
 
     store.append_provenance_batch = blocked
     q = ProvenanceWriteQueue(store, spill_dir=a["spill_dir"], **a["opts"]).start()
-    real_write = q._spill.write
+    real_write = q.spill_directory.write
 
     def observed_write(lines, **kw):
         path = real_write(lines, **kw)  # durable once this returns
@@ -296,7 +296,7 @@ def _child_spill_forever(a: dict) -> None:
         _say(ev="spilled", ns=ns)
         return path
 
-    q._spill.write = observed_write
+    q.spill_directory.write = observed_write
     ids = [UUID(x) for x in a["ids"]]
     _say(ev="started", pid=os.getpid())
     k = 0

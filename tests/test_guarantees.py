@@ -2,7 +2,7 @@
 
 Fault injection goes through the sanctioned seam: a wrapper installed on the
 store instance's ``append_provenance_batch`` (and, for disk trouble, on the
-queue's ``_spill.write``).
+queue's ``spill_directory.write``).
 """
 
 from __future__ import annotations
@@ -742,14 +742,14 @@ def test_disk_trouble_keeps_entries_in_memory_then_drops_counted(store, records,
                              max_batch_pairs=4, **FAST)
     disk_ok = threading.Event()
     if how == "enospc":
-        real_write = q._spill.write
+        real_write = q.spill_directory.write
 
         def full_disk(lines, **kw):
             if not disk_ok.is_set():
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_write(lines, **kw)
 
-        q._spill.write = full_disk
+        q.spill_directory.write = full_disk
     q.start()
     caplog.set_level(logging.ERROR, logger="iai_queue")
     try:

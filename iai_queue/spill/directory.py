@@ -1,0 +1,285 @@
+"""One queue's view of a spill directory: it writes its own files and claims the ones it may replay.
+
+Where: ``spill_dir``, else env ``IAI_QUEUE_SPILL_DIR``, else
+``~/.iai-mcp/.provenance-overflow``. Created on the first spill only.
+
+Durability
+    A file is written under its temporary name, fsynced, renamed, and the
+    directory fsynced: no reader ever sees half a ``.jsonl``.
+
+Claims (several processes, one directory)
+    A live queue holds ``flock`` on ``.writer-<writer>.lock``: its files are
+    replayed by it alone, which keeps its order. Files of writers that hold no
+    lock (dead, stopped, or older writers) are orphans, replayed by whoever
+    holds ``.replay.lock``, one process at a time. The kernel drops a dead
+    process's locks, so its claims become claimable on their own. A ``.claimed``
+    file found by a new holder was cut short by a crash: it is replayed with
+    every line verified, so nothing is applied twice. A ``.tmp`` file whose
+    writer is gone (its ``flock`` is free) is renamed to its final name.
+
+Quarantine
+    Lines that cannot be parsed or that the store rejects go to
+    ``<stem>.failed-<unix_ts>.jsonl`` (the raw lines, so an operator can repair
+    them and ``iai-queue spill requeue`` the file) with the reasons beside it in
+    ``<stem>.failed-<unix_ts>.reason``. Nothing is ever deleted unread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+from .codec import BadLine
+from .locks import lock_fd, try_flock, unlock
+from .names import (REPLAY_LOCK, file_name, is_pending_name, is_tmp_name, parse_name, stem_of, store_tag,
+                    writer_lock_name)
+
+__all__ = ["SpillDirectory", "fsync_dir"]
+
+log = logging.getLogger("iai_queue.spill")
+
+_TMP_ORPHAN_AGE_S = 2.0  # a tmp younger than this may be between open() and flock()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class SpillDirectory:
+    """One queue's view of a spill directory: writes its own files, replays files it may claim.
+
+    ``write`` may be called from any thread, and is looked up on the instance
+    at every call (a test or host may wrap it, as with the store's append);
+    everything else is the replaying worker's.
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, *, store_path=None):
+        self.path = Path(path)
+        self.store = store_tag(store_path)
+        self.writer = f"w{os.getpid()}x{secrets.token_hex(4)}"
+        self._counter = 0
+        self._last_ts = 0
+        self._writer_fd: Optional[int] = None
+        self._write_lock = threading.Lock()  # the spill thread, stop() and late enqueues all write
+
+    # -- writing ---------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        if not self.path.is_dir():
+            self.path.mkdir(parents=True, exist_ok=True)
+        if self._writer_fd is None:
+            # Held while this queue lives: our files are ours to replay, in order.
+            self._writer_fd = try_flock(self.path / writer_lock_name(self.writer))
+
+    def write(self, lines: Sequence[bytes], *, before_ts: Optional[int] = None,
+              on_named: Optional[Callable[[str], None]] = None) -> Path:
+        """Write ``lines`` as a new spill file, durably; returns its path.
+
+        ``before_ts``: name the file older than this timestamp, so it replays
+        before files already written (used when older pairs are spilled late).
+        ``on_named``: called with the file's name before it becomes visible
+        (a replayer may take it the moment it is renamed into place).
+        Raises OSError (ENOSPC, EACCES, EROFS, …); nothing is left behind then.
+        """
+        with self._write_lock:
+            self._ensure_dir()
+            ts = max(time.time_ns(), self._last_ts + 1) if before_ts is None else before_ts - 1
+            if before_ts is None:
+                self._last_ts = ts
+            self._counter += 1
+            name = file_name(ts, self.store, self.writer, self._counter)
+        tmp = self.path / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            lock_fd(fd)  # tells a recoverer this tmp is alive
+            _write_all(fd, b"".join(lines))
+            os.fsync(fd)
+            if on_named is not None:
+                on_named(name)
+            os.rename(tmp, self.path / name)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+        fsync_dir(self.path)
+        return self.path / name
+
+    def release(self) -> None:
+        """Give up the writer lock; our remaining files become orphans for anyone to replay."""
+        fd, self._writer_fd = self._writer_fd, None
+        if fd is not None:
+            if not any(self._is_own(n) for n in self.names()):
+                try:
+                    os.unlink(self.path / writer_lock_name(self.writer))
+                except OSError:
+                    pass
+            unlock(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close our copy of the writer lock's fd (the parent still holds the lock)."""
+        fd, self._writer_fd = self._writer_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    # -- reading the directory ---------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every name in the directory; empty when it does not exist (yet) or a file is in the way."""
+        try:
+            return os.listdir(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _is_own(self, name: str) -> bool:
+        parts = parse_name(stem_of(name))
+        return parts is not None and parts.writer == self.writer
+
+    def own_files(self) -> list[str]:
+        """Our pending and claimed files (tmp files included), any order."""
+        return [n for n in self.names()
+                if self.writer in n and (is_pending_name(n) or n.endswith((".claimed", ".tmp")))]
+
+    def oldest_own_ts(self) -> Optional[int]:
+        stamps = [p.ts for n in self.own_files() if (p := parse_name(stem_of(n.lstrip(".").removesuffix(".tmp"))))]
+        return min(stamps) if stamps else None
+
+    def has_tmp_files(self) -> bool:
+        return any(is_tmp_name(n) for n in self.names())
+
+    def replayable(self) -> list[tuple[str, bool]]:
+        """Files this queue may replay now, oldest first: ``(name, own)``.
+
+        Ours, and orphans of our store (or of no known store) whose writer
+        holds no lock. The caller must hold the replay lock for orphans.
+        """
+        alive: dict[str, bool] = {}
+        out = []
+        for n in self.names():
+            if not (is_pending_name(n) or n.endswith(".claimed")):
+                continue
+            parts = parse_name(stem_of(n))
+            if parts is None:
+                out.append((n, False))  # an older writer's file: any store may take it
+                continue
+            if parts.store != self.store:
+                continue
+            w = parts.writer
+            if w == self.writer:
+                out.append((n, True))
+                continue
+            if w not in alive:
+                alive[w] = self._writer_alive(w)
+            if not alive[w]:
+                out.append((n, False))
+        out.sort(key=lambda item: stem_of(item[0]))
+        return out
+
+    def _writer_alive(self, writer: str) -> bool:
+        lock = self.path / writer_lock_name(writer)
+        if not lock.exists():
+            return False
+        fd = try_flock(lock)
+        if fd is None:
+            return True
+        unlock(fd)
+        return False
+
+    # -- replay --------------------------------------------------------------------
+
+    @contextmanager
+    def replay_lock(self) -> Iterator[bool]:
+        """Hold the directory's replay lock for the block; yields False while another process holds it."""
+        fd = try_flock(self.path / REPLAY_LOCK) if self.path.is_dir() else None
+        try:
+            yield fd is not None
+        finally:
+            unlock(fd)
+
+    def recover_tmp_files(self) -> int:
+        """Rename spill temp files whose writer is gone to their final name. Call under the replay lock."""
+        recovered = 0
+        now = time.time()
+        for n in self.names():
+            if not is_tmp_name(n):
+                continue
+            p = self.path / n
+            try:
+                if now - p.stat().st_mtime < _TMP_ORPHAN_AGE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+            fd = try_flock(p)
+            if fd is None:
+                continue  # its writer is still writing
+            try:
+                final = self.path / n[1:-len(".tmp")]
+                os.rename(p, final)
+                recovered += 1
+                log.warning("spill.recover_tmp", extra={"event": "spill.recover_tmp", "file": final.name})
+            finally:
+                unlock(fd)
+        if recovered:
+            fsync_dir(self.path)
+        return recovered
+
+    def claim(self, name: str) -> tuple[Path, bool]:
+        """Move a pending file to its claimed name. Returns (claimed path, recovered):
+        ``recovered`` is True for a file that was already claimed, i.e. cut short by a crash."""
+        if name.endswith(".claimed"):
+            return self.path / name, True
+        claimed = self.path / (stem_of(name) + ".claimed")
+        os.rename(self.path / name, claimed)
+        return claimed, False
+
+    def remove(self, claimed: Path) -> None:
+        os.unlink(claimed)
+
+    def quarantine(self, stem: str, bad: Iterable[BadLine], whole: Optional[Path] = None) -> Path:
+        """Set bad lines aside as ``<stem>.failed-<unix_ts>.jsonl`` plus a ``.reason`` file.
+
+        ``whole``: move that file there as it is (nothing in it was good).
+        """
+        bad = list(bad)
+        self.path.mkdir(parents=True, exist_ok=True)  # a poison pair may come before any spill
+        ts = int(time.time())
+        while (self.path / f"{stem}.failed-{ts}.jsonl").exists():
+            ts += 1
+        target = self.path / f"{stem}.failed-{ts}.jsonl"
+        reasons = "".join(f"line {b.lineno}: {b.reason}\n" if b.lineno else f"file: {b.reason}\n" for b in bad)
+        self._atomic_write(target.with_suffix(".reason"), reasons.encode())
+        if whole is not None:
+            os.rename(whole, target)
+        else:
+            self._atomic_write(target, b"".join(b.raw for b in bad))
+        fsync_dir(self.path)
+        return target
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)

@@ -1,0 +1,113 @@
+"""Spill file names: where the directory is, what state a name says, which store and writer it belongs to.
+
+The name on disk is the state (forward only)::
+
+    .<name>.tmp  ->  <ts_ns>-<store>-<writer>-<n>.jsonl  ->  <stem>.claimed  ->  removed
+       TMP              PENDING                              CLAIMED
+                                  (bad lines)  ->  <stem>.failed-<unix_ts>.jsonl   QUARANTINED
+
+``<ts_ns>`` orders files oldest first; ``<store>`` is a hash of the store path,
+so processes of one user with different stores can share the directory;
+``<writer>`` names one live queue. Every other ``*.jsonl`` (an older writer's,
+a hand-made one) is PENDING too, for any store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+__all__ = ["FileState", "SpillName", "default_spill_dir", "file_state", "is_pending_name", "is_quarantined_name",
+           "parse_name", "stem_of", "store_tag"]
+
+_FAILED = re.compile(r"\.failed-\d+\.jsonl$")
+_OURS = re.compile(r"^(?P<ts>\d{19})-(?P<store>[0-9a-f]{8})-(?P<writer>w[0-9a-z]+)-(?P<n>\d+)$")
+TMP_SUFFIX = ".jsonl.tmp"
+
+
+class FileState(Enum):
+    TMP = "tmp"  # being written (or its writer died mid-write)
+    PENDING = "pending"  # waiting for replay
+    CLAIMED = "claimed"  # being replayed (or its replayer died)
+    QUARANTINED = "quarantined"  # set aside for an operator
+
+
+class SpillName(NamedTuple):
+    """The parts of a name this library wrote."""
+
+    ts: int
+    store: str
+    writer: str
+    n: int
+
+
+def default_spill_dir() -> Path:
+    env = os.environ.get("IAI_QUEUE_SPILL_DIR")
+    return Path(env) if env else Path.home() / ".iai-mcp" / ".provenance-overflow"
+
+
+def store_tag(store_path: os.PathLike[str] | str | None) -> str:
+    """Eight hex digits naming a store, for spill file names."""
+    if store_path is None:
+        return "00000000"
+    return hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:8]
+
+
+def is_pending_name(name: str) -> bool:
+    return name.endswith(".jsonl") and not name.startswith(".") and not _FAILED.search(name)
+
+
+def is_quarantined_name(name: str) -> bool:
+    return not name.startswith(".") and bool(_FAILED.search(name))
+
+
+def is_tmp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def stem_of(name: str) -> str:
+    """``name`` without ``.jsonl`` / ``.claimed``."""
+    for suffix in (".jsonl", ".claimed"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def quarantined_stem(name: str) -> str:
+    """The stem of a quarantined file's name (before ``.failed-<ts>.jsonl``)."""
+    m = _FAILED.search(name)
+    return name[: m.start()] if m else stem_of(name)
+
+
+def parse_name(stem: str) -> Optional[SpillName]:
+    """The parts of a stem this library wrote, or None for anyone else's."""
+    m = _OURS.match(stem)
+    return None if m is None else SpillName(int(m["ts"]), m["store"], m["writer"], int(m["n"]))
+
+
+def file_state(name: str) -> Optional[tuple[FileState, str]]:
+    """``(state, stem)`` for a spill directory entry; None for anything else (locks, reasons, parts)."""
+    if is_tmp_name(name):
+        return FileState.TMP, stem_of(name[1:-len(".tmp")])
+    if is_quarantined_name(name):
+        return FileState.QUARANTINED, quarantined_stem(name)
+    if name.endswith(".claimed") and not name.startswith("."):
+        return FileState.CLAIMED, stem_of(name)
+    if is_pending_name(name):
+        return FileState.PENDING, stem_of(name)
+    return None
+
+
+def file_name(ts: int, store: str, writer: str, n: int) -> str:
+    return f"{ts:019d}-{store}-{writer}-{n:06d}.jsonl"
+
+
+def writer_lock_name(writer: str) -> str:
+    return f".writer-{writer}.lock"
+
+
+REPLAY_LOCK = ".replay.lock"

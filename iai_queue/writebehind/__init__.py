@@ -1,0 +1,37 @@
+"""The write-behind core: ``enqueue`` on the recall path, a daemon worker writing coalesced batches.
+
+Where each guarantee lives (its full text is at the top of that module):
+
+==  ===========================  ==============================================
+1   store outages                :mod:`.delivery` (retry, backoff with jitter)
+2   poison pairs                 :mod:`.delivery` (bisection, probe), :mod:`.quarantine`
+3   exactly-once effect          :mod:`iai_queue.pairs` (entry ids), :mod:`.delivery` (verify),
+                                 :mod:`iai_queue.store` (skip stored ids; first-wins ``get()``)
+4   order                        :mod:`.admission` (route), :mod:`.worker` (refill), :mod:`.spilling` (names)
+5   spill files                  :mod:`iai_queue.spill.directory`, :mod:`.replay`
+6   several processes, one dir   :mod:`iai_queue.spill.directory` (claims, locks), :mod:`.replay`
+7   lifecycle                    :mod:`.lifecycle`, :meth:`.facade.ProvenanceWriteQueue.stop`
+8   fork                         :mod:`.facade`
+9   exit                         :mod:`.facade`
+10  disk trouble                 :mod:`.admission`, :mod:`.spilling`
+--  flush                        :mod:`.ledger`
+--  the one drop path            :mod:`.admission`
+==  ===========================  ==============================================
+
+The parts, data first: :mod:`.config` (options) → :mod:`.admission` (memory,
+route, backpressure) → :mod:`.worker` (coalescing) → :mod:`.delivery` (the
+store) ; :mod:`.spilling` (memory → disk) and :mod:`.replay` (disk → store)
+through :mod:`iai_queue.spill`; :mod:`.ledger` (numbers, done-marks, counters)
+and :mod:`.lifecycle` (states, stop signal, backoff) beside them;
+:mod:`.facade` puts them together.
+
+What is not promised: entries still in memory when the process is SIGKILLed
+are lost — at most ``max_queue_size`` batches, ``max_memory_pairs`` pairs on
+their way to disk, and the batch being written (``max_batch_pairs``).
+"""
+
+from .facade import ProvenanceWriteQueue
+from .replay import Replayer
+from .stats import QueueStats
+
+__all__ = ["ProvenanceWriteQueue", "QueueStats", "Replayer"]

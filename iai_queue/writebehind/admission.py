@@ -1,0 +1,279 @@
+"""Admission: where an accepted pair waits, and the one place a pair can be dropped.
+
+Routes (:class:`Route`): a pair goes to memory for the store (``MEMORY``), or —
+once anything has spilled — behind the spill (``BEHIND_SPILL``: the spill
+buffer, then the spill directory), or, after ``stop()``, to the caller's own
+thread (``CLOSED``; the facade writes it synchronously or spills it).
+
+Guarantee 4 (order), the admission half: once anything spills, later entries
+spill behind it until the spill has drained; memory is refilled from the
+spill buffer only when no spill file waits (the worker's idle work).
+
+Guarantee 10 (disk trouble): when spilling fails (ENOSPC, EACCES, a read-only
+dir) the entries stay in memory — beyond the ``max_queue_size`` batches, up to
+``max_memory_pairs`` pairs more — while the spill thread retries.
+
+The one drop path: a pair is dropped only when memory already holds
+``max_memory_pairs`` for the spill directory and the directory is failing.
+Each drop is counted (``stats().dropped``) and logged at ERROR. When the disk
+works but is slower than the callers, ``enqueue`` waits for the spill thread
+instead (backpressure): the only place it waits, never on the store.
+
+Storage hooks (``*_locked``) are called with the lock held; :meth:`enqueue`
+is the only method that runs without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from enum import Enum
+from typing import Any, Callable, Optional
+from uuid import UUID
+
+from ..events import emit
+from ..pairs import EntryIds, validate_pairs
+from .chunks import Chunk, HeldChunk, chunk_len, chunk_seq, split_chunk
+from .config import QueueConfig
+from .ledger import Ledger
+from .lifecycle import NEVER, Lifecycle
+
+__all__ = ["Admission", "Route"]
+
+log = logging.getLogger("iai_queue.queue")
+
+
+class Route(Enum):
+    MEMORY = "memory"  # enqueue may append to memory without the lock
+    BEHIND_SPILL = "behind_spill"  # something spilled: everything goes behind it
+    CLOSED = "closed"  # stopped: the caller's thread writes (or spills)
+
+
+class Admission:
+    """The in-memory buffers, the route, backpressure and the drop path.
+
+    ``on_closed(chunk)`` takes a chunk that arrives while the route is closed
+    (after ``stop()``, or a forked child's first use).
+    """
+
+    def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger,
+                 on_closed: Callable[[Chunk], None]):
+        self.lock = lock
+        self.ledger = ledger
+        self.next_seq = ledger.next_seq
+        self.max_queue_size = cfg.max_queue_size
+        self.max_memory_pairs = cfg.max_memory_pairs
+        self.on_closed = on_closed
+        # Chunks for the store. enqueue() appends without the lock (deque.append
+        # is atomic under the GIL); every other access holds the lock.
+        self.pending: deque[Chunk] = deque()
+        self.spill_buffer: deque[Chunk] = deque()  # chunks behind the spill, for the spill thread
+        self.spill_buffer_pairs = 0
+        self.spill_in_flight = 0  # pairs the spill thread is writing right now
+        self.spill_failing = False  # the last spill write failed; cleared by the next success
+        self.wake_threshold: float = NEVER  # enqueue wakes the worker when len(pending) reaches this
+        self.worker_wake = threading.Event()  # the worker waits on it for work, a flush, or stop
+        self.spill_wake = threading.Event()  # the spill thread waits on it for the spill buffer
+        self.spill_room = threading.Condition(lock)  # enqueue waits on it for the spill thread
+        self.state = Lifecycle.NEW
+        self.autostart = False  # a forked child starts its worker on first enqueue
+        self.route = Route.MEMORY
+        self._fast = True  # derived in _set(): the hot path reads one bool
+
+    def _set(self, state: Optional[Lifecycle] = None, route: Optional[Route] = None,
+             autostart: Optional[bool] = None) -> None:
+        """The one place state, route and the hot path's flag change (lock held, or before threads exist)."""
+        if state is not None:
+            self.state = state
+        if route is not None:
+            self.route = route
+        if autostart is not None:
+            self.autostart = autostart
+        self._fast = self.route is Route.MEMORY and (
+            self.state is Lifecycle.RUNNING or (self.state is Lifecycle.NEW and not self.autostart))
+
+    def set_locked(self, **changes: Any) -> None:
+        self._set(**changes)
+
+    # -- the hot path ------------------------------------------------------------------
+
+    def enqueue(self, pairs: list) -> None:
+        # validate_pairs, inlined for the common case: this is the recall hot path.
+        if type(pairs) is list:
+            items = tuple(pairs)
+            for p in items:
+                if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
+                    items = validate_pairs(pairs)
+                    break
+        else:
+            items = validate_pairs(pairs)
+        if not items:
+            return
+        if self._fast:
+            pending = self.pending
+            if len(pending) < self.max_queue_size:
+                chunk = (self.next_seq(), items)
+                pending.append(chunk)
+                if len(pending) >= self.wake_threshold:
+                    self.worker_wake.set()
+                if self._fast:
+                    return
+                # An overflow or stop() began while we appended. Take the chunk
+                # back if it is still there; if not, the worker or stop() has it.
+                with self.lock:
+                    try:
+                        pending.remove(chunk)
+                    except ValueError:
+                        return
+                self._enqueue_locked(chunk)
+                return
+        self._enqueue_locked((self.next_seq(), items))
+
+    def _enqueue_locked(self, chunk: Chunk) -> None:
+        with self.lock:
+            if self.route is not Route.CLOSED and not (self.state is Lifecycle.NEW and self.autostart):
+                if self.route is Route.MEMORY and len(self.pending) < self.max_queue_size:
+                    self.pending.append(chunk)
+                    if len(self.pending) >= self.wake_threshold:
+                        self.worker_wake.set()
+                    return
+                self.ledger.accepted_elsewhere += chunk_len(chunk)
+                self._overflow(chunk)
+                return
+        self.on_closed(chunk)
+
+    def readmit(self, chunk: Chunk) -> None:
+        """A chunk that keeps its seq goes through admission again (a forked child's first use)."""
+        self._enqueue_locked(chunk)
+
+    def _overflow(self, chunk: Chunk) -> None:
+        """Behind the spill from now on (lock held)."""
+        n = chunk_len(chunk)
+        self._set(route=Route.BEHIND_SPILL)
+
+        def waiting() -> int:
+            return self.spill_buffer_pairs + self.spill_in_flight
+
+        # A working disk slower than the callers: wait for the spill thread (the
+        # one place enqueue waits, and only on a disk that is working).
+        while (waiting() + n > self.max_memory_pairs and waiting() and not self.spill_failing
+               and self.state is Lifecycle.RUNNING):
+            self.spill_room.wait(1.0)
+        if waiting() + n > self.max_memory_pairs and waiting():
+            # The single drop path: the disk is failing and memory is full.
+            self.ledger.count(dropped=n)
+            self.ledger.mark_done((chunk_seq(chunk),))
+            emit(log, logging.ERROR, "drop", count=n, total_dropped=self.ledger.n["dropped"],
+                 reason="memory at max_memory_pairs and the spill directory is failing")
+            return
+        self.spill_buffer.append(chunk)
+        self.spill_buffer_pairs += n
+        self.spill_wake.set()
+
+    # -- the worker's hooks ------------------------------------------------------------
+
+    def wait_for_pending(self, threshold: float, timeout: float, still_waiting: Callable[[], bool]) -> bool:
+        """Sleep until ``threshold`` chunks are pending or someone wakes the worker, at most ``timeout``.
+
+        ``still_waiting`` is checked after arming the wake-up (so an append in
+        between is not missed). Returns False on timeout.
+        """
+        self.wake_threshold = threshold
+        self.worker_wake.clear()
+        try:
+            return self.worker_wake.wait(timeout) if still_waiting() else True
+        finally:
+            self.wake_threshold = NEVER
+
+    def full_batch_waiting(self, max_pairs: int) -> bool:
+        pending = list(self.pending)  # a copy: enqueue appends meanwhile
+        if len(pending) >= max_pairs:
+            return True
+        total = 0
+        for c in pending:
+            total += chunk_len(c)
+            if total >= max_pairs:
+                return True
+        return False
+
+    def take_locked(self, room: int, ids: EntryIds) -> tuple[list, list, list]:
+        """Up to ``room`` pairs from memory: ``(pairs, entry_ids, seqs of calls completed)``."""
+        pairs: list = []
+        eids: list = []
+        done: list = []
+        pending = self.pending
+        while pending and room:
+            part, part_ids, rest = split_chunk(pending[0], room, ids)
+            pairs += part
+            eids += part_ids
+            room -= len(part)
+            if rest is None:
+                done.append(chunk_seq(pending.popleft()))
+            else:
+                pending[0] = rest
+        self.ledger.taken += len(pairs)
+        return pairs, eids, done
+
+    def refill_locked(self, files_written_before: int) -> bool:
+        """Move the spill buffer into memory once no spill file waits. True when it moved any.
+
+        ``files_written_before``: the spilled-files count when the caller saw no
+        file waiting; a file written since then goes first.
+        """
+        if self.spill_in_flight or self.ledger.n["spilled_files"] != files_written_before:
+            return False
+        moved = False
+        while self.spill_buffer and len(self.pending) < self.max_queue_size:
+            c = self.spill_buffer.popleft()
+            self.spill_buffer_pairs -= chunk_len(c)
+            self.ledger.accepted_elsewhere -= chunk_len(c)  # counted again when taken
+            self.pending.append(c)
+            moved = True
+        if not self.spill_buffer and not self.spill_in_flight and self.route is Route.BEHIND_SPILL \
+                and self.state is not Lifecycle.CLOSING:
+            self._set(route=Route.MEMORY)  # after the move: new chunks go behind it
+        return moved
+
+    # -- the spill thread's hooks --------------------------------------------------------
+
+    def take_for_spill_locked(self, max_pairs: int) -> tuple[list, int]:
+        chunks, count = [], 0
+        while self.spill_buffer and count < max_pairs:
+            c = self.spill_buffer.popleft()
+            chunks.append(c)
+            count += chunk_len(c)
+        self.spill_buffer_pairs -= count
+        self.spill_in_flight += count
+        return chunks, count
+
+    def spilled_locked(self, count: int) -> None:
+        self.spill_in_flight -= count
+
+    def spill_failed_locked(self, chunks: list, count: int) -> None:
+        """Back to the front, in order; the spill thread retries."""
+        self.spill_in_flight -= count
+        self.spill_buffer.extendleft(reversed(chunks))
+        self.spill_buffer_pairs += count
+
+    # -- stop()'s hooks --------------------------------------------------------------------
+
+    def take_all_pending_locked(self) -> list:
+        out = list(self.pending)
+        self.ledger.taken += sum(chunk_len(c) for c in out)
+        self.pending.clear()
+        return out
+
+    def take_spill_buffer_locked(self) -> list:
+        out = list(self.spill_buffer)
+        self.spill_buffer.clear()
+        self.spill_buffer_pairs = 0
+        return out
+
+    def in_memory_pairs_locked(self) -> int:
+        return sum(chunk_len(c) for c in list(self.pending))
+
+
+def seen_chunk(pairs, entry_ids) -> HeldChunk:
+    """Pairs that may have been written already (taken back from a stopped worker, or late)."""
+    return HeldChunk(-1, tuple(pairs), 0, list(entry_ids), True)

@@ -1,0 +1,67 @@
+"""Chunks: what one enqueue call left in memory.
+
+Two kinds, and every consumer asks :func:`chunk_parts` for the pairs and their
+entry ids instead of unpacking:
+
+- ``(seq, items)``, the plain 2-tuple ``enqueue`` builds (a tuple, not a class:
+  the hot path builds one per call). Entry ids are derived from ``seq`` when needed.
+- :class:`HeldChunk`: a remainder after a partial take (``start`` > 0), or pairs
+  that carry their entry ids already and may have been written (``seen``: pairs
+  taken back from a stopped worker, late pairs after ``stop()``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from ..pairs import EntryIds, Pair
+
+__all__ = ["Chunk", "HeldChunk", "chunk_len", "chunk_parts", "chunk_seq", "split_chunk"]
+
+
+class HeldChunk:
+    __slots__ = ("seq", "items", "start", "entry_ids", "seen")
+
+    def __init__(self, seq: int, items: Sequence[Pair], start: int = 0,
+                 entry_ids: Optional[Sequence[str]] = None, seen: bool = False):
+        self.seq = seq  # -1: no enqueue call of this run to mark done
+        self.items = items
+        self.start = start
+        self.entry_ids = entry_ids  # None: derived from seq
+        self.seen = seen
+
+
+Chunk = Union[tuple, HeldChunk]
+
+
+def chunk_seq(c: Chunk) -> int:
+    return c[0] if type(c) is tuple else c.seq
+
+
+def chunk_len(c: Chunk) -> int:
+    return len(c[1]) if type(c) is tuple else len(c.items) - c.start
+
+
+def chunk_parts(c: Chunk, ids: EntryIds, end: Optional[int] = None) -> tuple[Sequence[Pair], list[str], bool]:
+    """``(pairs, entry_ids, seen)`` of the chunk's pending pairs (up to index ``end``)."""
+    if type(c) is tuple:
+        seq, items = c
+        start, eids, seen = 0, None, False
+    else:
+        seq, items, start, eids, seen = c.seq, c.items, c.start, c.entry_ids, c.seen
+    end = len(items) if end is None else end
+    pairs = items[start:end]
+    return pairs, (list(eids[start:end]) if eids is not None else ids.of_call(seq, start, end)), seen
+
+
+def split_chunk(c: Chunk, room: int, ids: EntryIds) -> tuple[Sequence[Pair], list[str], Optional[HeldChunk]]:
+    """Up to ``room`` pairs from the front of ``c``: ``(pairs, entry_ids, rest)``; ``rest`` None when all taken."""
+    if type(c) is tuple:
+        seq, items = c
+        start, eids, seen = 0, None, False
+    else:
+        seq, items, start, eids, seen = c.seq, c.items, c.start, c.entry_ids, c.seen
+    end = min(len(items), start + room)
+    pairs, part_ids, _ = chunk_parts(c, ids, end)
+    rest = HeldChunk(seq, items, end, eids, seen) if end < len(items) else None
+    return pairs, part_ids, rest

@@ -1,0 +1,69 @@
+"""Every queue option, validated once, in one place.
+
+Bounds: ``max_queue_size`` counts batches (enqueue calls) held for the store,
+as ``queue.Queue(maxsize)`` does; ``max_memory_pairs`` counts pairs held on
+their way to the spill directory (default ``4 * max_queue_size``). Times given
+in milliseconds keep their ``_ms`` name; everything is held in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..spill import default_spill_dir
+
+__all__ = ["QueueConfig"]
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return value
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    coalesce_s: float
+    max_queue_size: int
+    max_batch_pairs: int
+    max_memory_pairs: int
+    exit_timeout: float
+    retry_initial_s: float
+    retry_max_s: float
+    idle_replay_s: float
+    replay_batch_pairs: int
+    spill_file_pairs: int
+    spill_dir: Path
+
+    @classmethod
+    def from_options(cls, *, coalesce_ms: float = 50, max_queue_size: int = 4096, max_batch_pairs: int = 256,
+                     spill_dir: str | os.PathLike[str] | None = None, max_memory_pairs: Optional[int] = None,
+                     exit_timeout: float = 2.0, retry_initial_s: float = 0.05, retry_max_s: float = 5.0,
+                     idle_replay_s: float = 5.0, replay_batch_pairs: int = 8192,
+                     spill_file_pairs: int = 8192) -> "QueueConfig":
+        """Raises ValueError naming the first bad option and its value."""
+        for name, value in (("coalesce_ms", coalesce_ms), ("exit_timeout", exit_timeout),
+                            ("retry_initial_s", retry_initial_s), ("retry_max_s", retry_max_s),
+                            ("idle_replay_s", idle_replay_s)):
+            _number(name, value)
+        for name, value in (("max_queue_size", max_queue_size), ("max_batch_pairs", max_batch_pairs),
+                            ("replay_batch_pairs", replay_batch_pairs), ("spill_file_pairs", spill_file_pairs)):
+            _count(name, value)
+        max_memory_pairs = _count("max_memory_pairs", 4 * max_queue_size if max_memory_pairs is None
+                                  else max_memory_pairs)
+        return cls(
+            coalesce_s=coalesce_ms / 1000.0, max_queue_size=max_queue_size, max_batch_pairs=max_batch_pairs,
+            max_memory_pairs=max_memory_pairs, exit_timeout=exit_timeout, retry_initial_s=retry_initial_s,
+            retry_max_s=max(retry_max_s, retry_initial_s), idle_replay_s=idle_replay_s,
+            replay_batch_pairs=max(replay_batch_pairs, max_batch_pairs), spill_file_pairs=spill_file_pairs,
+            # Resolved now, not at first spill: the environment may change later.
+            spill_dir=Path(spill_dir) if spill_dir is not None else default_spill_dir())

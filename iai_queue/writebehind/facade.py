@@ -1,0 +1,324 @@
+"""ProvenanceWriteQueue: the parts put together, and the lifecycle around them.
+
+Guarantee 8 (fork): in a child the queue starts empty with fresh locks; it
+starts a worker on first use and never writes the parent's entries. The child
+must open its own store: LanceDB does not survive ``fork()``.
+
+Guarantee 9 (exit): ``start()`` registers the queue's exit handler with
+``atexit.register`` and ``stop()`` unregisters it, so a stopped queue is never
+kept alive by atexit. The handler waits at most ``exit_timeout`` seconds for
+the store, then spills, and never raises. (CPython before 3.12 keeps an empty
+slot per unregistered handler: 8 bytes per start/stop.)
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Optional
+
+from ..events import RateLimiter, emit
+from ..pairs import EntryIds, ProvenanceBatch, ProvenanceSink
+from ..spill import SpillDirectory
+from .admission import Admission, Route, seen_chunk
+from .chunks import Chunk, HeldChunk, chunk_parts, chunk_seq
+from .config import QueueConfig
+from .delivery import Delivery
+from .ledger import Ledger
+from .lifecycle import Backoff, Lifecycle, StopSignal
+from .quarantine import Quarantine
+from .replay import Replayer
+from .spilling import Spiller, SpillThread
+from .stats import QueueStats
+from .worker import Worker
+
+__all__ = ["ProvenanceWriteQueue"]
+
+log = logging.getLogger("iai_queue.queue")
+
+_live_queues: "weakref.WeakSet[ProvenanceWriteQueue]" = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for q in list(_live_queues):
+        q._reinit_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self._cfg, name), doc=f"The ``{name}`` option (read-only).")
+
+
+class ProvenanceWriteQueue:
+    """Write-behind queue for ``(record_id, entry)`` provenance pairs.
+
+    ``enqueue`` never blocks on the store or the disk; a daemon worker writes
+    coalesced batches through ``store.append_provenance_batch``, looked up at
+    call time so a wrapper installed on the instance takes effect.
+    """
+
+    coalesce_s = _option("coalesce_s")
+    max_queue_size = _option("max_queue_size")
+    max_batch_pairs = _option("max_batch_pairs")
+    max_memory_pairs = _option("max_memory_pairs")
+    exit_timeout = _option("exit_timeout")
+    retry_initial_s = _option("retry_initial_s")
+    retry_max_s = _option("retry_max_s")
+    idle_replay_s = _option("idle_replay_s")
+    replay_batch_pairs = _option("replay_batch_pairs")
+    spill_file_pairs = _option("spill_file_pairs")
+    spill_dir = _option("spill_dir")
+
+    def __init__(self, store: ProvenanceSink, *, coalesce_ms: float = 50, max_queue_size: int = 4096,
+                 max_batch_pairs: int = 256, spill_dir: str | os.PathLike[str] | None = None,
+                 max_memory_pairs: Optional[int] = None, exit_timeout: float = 2.0,
+                 retry_initial_s: float = 0.05, retry_max_s: float = 5.0, idle_replay_s: float = 5.0,
+                 replay_batch_pairs: int = 8192, spill_file_pairs: int = 8192):
+        self._cfg = QueueConfig.from_options(
+            coalesce_ms=coalesce_ms, max_queue_size=max_queue_size, max_batch_pairs=max_batch_pairs,
+            spill_dir=spill_dir, max_memory_pairs=max_memory_pairs, exit_timeout=exit_timeout,
+            retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, idle_replay_s=idle_replay_s,
+            replay_batch_pairs=replay_batch_pairs, spill_file_pairs=spill_file_pairs)
+        self._store = store
+        self._init_state()
+        _live_queues.add(self)
+
+    def _init_state(self) -> None:
+        """Build the parts; everything a forked child must not share with its parent."""
+        cfg = self._cfg
+        lock = self._lock = threading.Lock()
+        warn = RateLimiter()  # has a lock of its own
+        ledger = self._ledger = Ledger(lock)
+        ids = self._ids = EntryIds()
+        spill = self._spill = SpillDirectory(cfg.spill_dir, store_path=getattr(self._store, "path", None))
+        adm = self._admission = Admission(lock, cfg, ledger, on_closed=self._closed_route)
+        self.enqueue = adm.enqueue  # the hot path, bound directly: no hop through the facade
+        backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
+        quarantine = Quarantine(lock, ledger, spill)
+        delivery = self._delivery = Delivery(lock, ledger, self._write_to_store, backoff, warn, quarantine.pairs,
+                                             borrow=self._borrow)
+        replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn,
+                            batch_pairs=cfg.replay_batch_pairs, retry_unreadable_s=cfg.idle_replay_s)
+        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, replayer, spill,
+                                   lambda: getattr(self._store, "maintain", None), warn)
+        self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
+        self._spill_loop = SpillThread(lock, cfg, adm, self._spiller, backoff)
+        self._warn = warn
+        self._stop = StopSignal()  # the current run's
+        self._worker: Optional[threading.Thread] = None
+        self._spill_thread: Optional[threading.Thread] = None
+        self._left_on_disk = False
+
+    def _reinit_after_fork(self) -> None:
+        # The parent's pending entries stay the parent's: the child starts empty,
+        # and starts a worker of its own on first enqueue if the parent's ran.
+        was_running = self._admission.state in (Lifecycle.RUNNING, Lifecycle.CLOSING)
+        self._spill.forget_after_fork()
+        self._init_state()
+        self._admission.set_locked(autostart=was_running)
+
+    def _write_to_store(self, batch: ProvenanceBatch) -> None:
+        self._store.append_provenance_batch(batch, records_cache=None)  # looked up now: hosts wrap it
+
+    def _borrow(self, into):
+        return self._worker_loop.borrow(into)
+
+    @property
+    def spill_directory(self) -> SpillDirectory:
+        """This queue's spill directory. Its ``write`` is looked up at each spill: it may be wrapped."""
+        return self._spill
+
+    @property
+    def _prefix(self) -> str:
+        return self._ids.prefix
+
+    @property
+    def running(self) -> bool:
+        return self._admission.state is Lifecycle.RUNNING
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> "ProvenanceWriteQueue":
+        """Start the worker and spill threads and register the exit handler. Idempotent."""
+        adm = self._admission
+        with self._lock:
+            if adm.state in (Lifecycle.RUNNING, Lifecycle.CLOSING):
+                return self
+            stop = self._stop = StopSignal()
+            # Spill files of our store already waiting: new entries go behind them.
+            behind = adm.route is not Route.MEMORY or bool(self._spill.replayable())
+            adm.set_locked(state=Lifecycle.RUNNING, autostart=False,
+                           route=Route.BEHIND_SPILL if behind else Route.MEMORY)
+            self._worker = threading.Thread(target=self._worker_loop.run, args=(stop,), name="iai_queue-worker",
+                                            daemon=True)
+            self._spill_thread = threading.Thread(target=self._spill_loop.run, args=(stop,), name="iai_queue-spill",
+                                                  daemon=True)
+            self._worker.start()
+            self._spill_thread.start()
+        # Per start(), by contract: hosts capture the handler from atexit.register.
+        atexit.register(self._at_exit)
+        return self
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Drain, then stop. Blocks up to ``timeout`` seconds (default ``exit_timeout``) for the store.
+
+        What the store has not taken by then is spilled. Returns True when
+        everything accepted was written. Idempotent; ``start()`` works again after.
+        """
+        timeout = self._cfg.exit_timeout if timeout is None else timeout
+        atexit.unregister(self._at_exit)
+        adm, ledger = self._admission, self._ledger
+        with self._lock:
+            if adm.state is Lifecycle.CLOSING:  # another thread is stopping it: wait for that to finish
+                ledger.done_advanced.wait_for(lambda: adm.state is Lifecycle.STOPPED, timeout + 2.0)
+            if adm.state in (Lifecycle.STOPPED, Lifecycle.CLOSING):
+                return ledger.all_done()
+            started = adm.state is Lifecycle.RUNNING
+            adm.set_locked(state=Lifecycle.CLOSING)
+            stop, deadline = self._stop, time.monotonic() + timeout
+        stop.request(deadline)
+        adm.worker_wake.set()
+        with self._lock:
+            adm.spill_room.notify_all()
+        worker, spill_thread = self._worker, self._spill_thread
+        if started and worker is not None and worker is not threading.current_thread():
+            worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+        with self._lock:
+            # From here a worker still stuck in the store does nothing more, and
+            # enqueues racing this stop() go behind what is spilled next.
+            stop.abandoned = True
+            adm.set_locked(route=Route.BEHIND_SPILL)
+            older: list[Chunk] = [seen_chunk(b, b.entry_ids) for b in self._delivery.take_over_locked()]
+            older += adm.take_all_pending_locked()
+        if older:
+            self._spiller.spill_or_drop(older, before_own_files=True)
+        if started and spill_thread is not None:
+            adm.spill_wake.set()
+            spill_thread.join(max(1.0, deadline - time.monotonic()))
+        own_files = bool(self._spill.own_files())
+        with self._lock:
+            # One step: a later enqueue sees the closed route and takes the caller's thread.
+            rest = adm.take_spill_buffer_locked()
+            adm.set_locked(state=Lifecycle.STOPPED, route=Route.CLOSED)
+            self._left_on_disk = own_files or bool(older) or bool(rest)
+            ledger.done_advanced.notify_all()
+        if rest:  # the spill thread did not get to them (or never ran)
+            self._spiller.spill_or_drop(rest)
+        with self._lock:
+            done = ledger.all_done()
+        self._spill.release()
+        if self._left_on_disk:
+            emit(log, logging.WARNING, "exit.spilled", dir=str(self._cfg.spill_dir))
+        return done
+
+    def _closed_route(self, chunk: Chunk) -> None:
+        """A chunk that arrived with the route closed: a forked child's first use, or after stop()."""
+        adm = self._admission
+        if adm.state is Lifecycle.NEW and adm.autostart:
+            self.start()
+            adm.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
+            return
+        # After stop(): write now on the caller's thread, or spill behind what is on disk.
+        pairs, eids, _ = chunk_parts(chunk, self._ids)
+        seq = chunk_seq(chunk)
+        with self._lock:
+            self._ledger.accepted_elsewhere += len(pairs)
+        if not self._left_on_disk:
+            try:
+                self._write_to_store(ProvenanceBatch(pairs, eids))
+                with self._lock:
+                    self._ledger.count(written=len(pairs))
+                    self._ledger.mark_done((seq,))
+                return
+            except Exception as exc:
+                with self._lock:
+                    self._ledger.count(store_errors=1)
+                self._warn.emit(log, logging.WARNING, "write.failed", error=repr(exc)[:300], pairs=len(pairs))
+        self._left_on_disk = True
+        self._spiller.spill_or_drop([HeldChunk(seq, tuple(pairs), 0, eids, True)])
+        self._spill.release()
+
+    def _at_exit(self) -> None:
+        try:
+            self.stop(self._cfg.exit_timeout)
+        except BaseException:  # an exit handler must not raise
+            log.exception("exit handler failed")
+
+    def __enter__(self) -> "ProvenanceWriteQueue":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "ProvenanceWriteQueue":
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.start)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.astop()
+
+    async def astop(self, timeout: Optional[float] = None) -> bool:
+        """:meth:`stop` on a worker thread: the event loop keeps running."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.stop, timeout)
+
+    async def aflush(self, timeout: float = 2.0) -> bool:
+        """:meth:`flush` on a worker thread: the event loop keeps running. Cancellable at once."""
+        import anyio.to_thread
+
+        # flush() only waits, so a cancelled caller may leave it behind; stop() must not be left.
+        return await anyio.to_thread.run_sync(self.flush, timeout, abandon_on_cancel=True)
+
+    # -- the hot path, flush and stats -------------------------------------------------------
+
+    def enqueue(self, pairs: list) -> None:
+        """Accept ``pairs`` (a list of ``(UUID, dict)``) for writing; returns at once.
+
+        Never blocks on the store and never raises because of the store or the
+        disk. Blocks only when memory already holds ``max_memory_pairs`` for a
+        working spill directory that is slower than the callers (backpressure).
+        Raises TypeError/ValueError naming the first bad element, and then
+        accepts nothing from this call. An empty list is a no-op.
+        """
+        self._admission.enqueue(pairs)  # shadowed per instance by the bound method itself (see _init_state)
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Block until everything enqueued before this call is in the store, or ``timeout`` passes.
+
+        Returns True when it is, False on timeout (the entries are still
+        pending, in memory or on disk, and will be written) or when the queue
+        is stopped with entries left on disk. Safe from any thread.
+        """
+        ledger, adm = self._ledger, self._admission
+        with self._lock:
+            target = ledger.next_seq()  # every call enqueued before us has a smaller number
+            ledger.mark_done((target,))
+            if ledger.written_seq >= target or adm.state is Lifecycle.STOPPED:
+                return ledger.written_seq >= target
+            ledger.flush_waiters += 1
+        adm.worker_wake.set()  # cut the coalescing window short
+        try:
+            with self._lock:
+                return ledger.done_advanced.wait_for(lambda: ledger.written_seq >= target, timeout)
+        finally:
+            with self._lock:
+                ledger.flush_waiters -= 1
+
+    def stats(self) -> QueueStats:
+        ledger, adm = self._ledger, self._admission
+        with self._lock:
+            in_memory = adm.in_memory_pairs_locked()
+            pending = in_memory + self._delivery.in_memory_pairs_locked()
+            age = time.monotonic() - self._worker_loop.last_empty if pending else 0.0
+            return QueueStats(accepted=ledger.taken + ledger.accepted_elsewhere + in_memory, pending=pending,
+                              spill_buffered=adm.spill_buffer_pairs + adm.spill_in_flight,
+                              oldest_pending_age_s=age, last_write_s=ledger.last_write_s, **ledger.n)

@@ -1,0 +1,90 @@
+"""The queue's lifecycle, and how one run of its threads is told to stop.
+
+Guarantee 7 (lifecycle): ``stop()`` drains for a bounded time, then spills what
+is left (the batch being written included, flagged for verification). An
+enqueue after ``stop()`` is written synchronously, or spilled when the store
+fails or earlier entries are still spilled — never lost. ``start()`` after
+``stop()`` starts a new run: threads of an old run that are still stuck in the
+store hold that run's :class:`StopSignal`, which stays abandoned.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from enum import Enum
+
+__all__ = ["Abandoned", "Backoff", "GiveUp", "Lifecycle", "StopSignal"]
+
+NEVER = float("inf")
+
+
+class Lifecycle(Enum):
+    NEW = "new"  # constructed (or a forked child's copy): not started
+    RUNNING = "running"
+    CLOSING = "closing"  # stop() is draining
+    STOPPED = "stopped"
+
+
+class GiveUp(Exception):
+    """The stop deadline passed while a batch was still unwritten."""
+
+
+class Abandoned(Exception):
+    """stop() gave up on the worker and took over its batch: do nothing more."""
+
+
+class Backoff:
+    """Exponential backoff with jitter: ``retry_initial_s`` doubling up to ``retry_max_s``, half of it random.
+
+    The one formula for the worker's store retries and the spill thread's disk retries.
+    """
+
+    def __init__(self, initial_s: float, max_s: float):
+        self.initial_s = initial_s
+        self.max_s = max_s
+
+    def delay(self, attempt: int) -> float:
+        cap = min(self.max_s, self.initial_s * (2 ** min(attempt, 30)))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+
+class StopSignal:
+    """One run's stop: ``stop()`` sets a deadline for the store, then may abandon the run's worker.
+
+    ``requested`` cuts the threads' waits short; ``deadline`` is when the worker
+    gives up on the store (:class:`GiveUp`); ``abandoned`` means stop() has taken
+    over what the worker held (:class:`Abandoned`).
+    """
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.deadline = NEVER
+        self.abandoned = False
+
+    def request(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.requested.set()
+
+    def check(self) -> None:
+        if self.abandoned:
+            raise Abandoned
+        if time.monotonic() >= self.deadline:
+            raise GiveUp
+
+    def sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, never past the deadline; raises GiveUp/Abandoned as :meth:`check`."""
+        if time.monotonic() + delay > self.deadline:
+            time.sleep(max(0.0, self.deadline - time.monotonic()))
+            raise GiveUp
+        end = time.monotonic() + delay
+        while True:
+            left = min(end, self.deadline) - time.monotonic()
+            if left <= 0:
+                break
+            if self.requested.wait(left):
+                # stop() set a deadline: sleep out what is left of the shorter of the two.
+                time.sleep(max(0.0, min(end, self.deadline) - time.monotonic()))
+                break
+        self.check()

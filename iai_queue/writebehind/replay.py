@@ -1,0 +1,148 @@
+"""Replay: spill files back into the store, oldest first.
+
+claim (rename to ``.claimed``) → parse → deliver → quarantine the bad lines →
+remove. Used by the queue's worker when memory is empty, and by
+``iai-queue spill replay`` directly.
+
+Guarantee 5 (spill files): a file is removed only after its lines are in the
+store; a crash before that leaves it claimed, and the next replayer verifies
+every line against the store. A dead writer's ``.tmp`` is recovered first.
+
+Guarantee 6 (several processes, one directory): a live queue replays its own
+files, in order; files of dead writers (orphans) are replayed by one process at
+a time, under the directory's replay lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..events import RateLimiter, emit
+from ..pairs import ProvenanceSink
+from ..spill import SpillDirectory, parse_file
+from .delivery import Batch, Delivery
+from .ledger import Ledger
+from .lifecycle import Backoff, StopSignal
+from .quarantine import Quarantine
+
+__all__ = ["Replayer"]
+
+log = logging.getLogger("iai_queue.queue")
+
+
+class Replayer:
+    def __init__(self, lock: threading.Lock, ledger: Ledger, directory: SpillDirectory, delivery: Delivery,
+                 quarantine: Quarantine, warn: RateLimiter, *, batch_pairs: int, retry_unreadable_s: float):
+        self.lock = lock
+        self.ledger = ledger
+        self.directory = directory
+        self.delivery = delivery
+        self.quarantine = quarantine
+        self.warn = warn
+        self.batch_pairs = batch_pairs
+        self.retry_unreadable_s = retry_unreadable_s
+        self._skip_until: dict[str, float] = {}  # an unreadable file -> monotonic time to try it again
+
+    @classmethod
+    def for_store(cls, store: ProvenanceSink, spill_dir, *, batch_pairs: int = 8192, retry_initial_s: float = 0.05,
+                  retry_max_s: float = 1.0) -> "Replayer":
+        """A replayer of its own (no queue): for ``iai-queue spill replay``. Its counts are in ``ledger.n``."""
+        lock = threading.Lock()
+        ledger = Ledger(lock)
+        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None))
+        quarantine = Quarantine(lock, ledger, directory)
+        warn = RateLimiter()
+        delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
+                            Backoff(retry_initial_s, retry_max_s), warn, quarantine.pairs)
+        return cls(lock, ledger, directory, delivery, quarantine, warn, batch_pairs=batch_pairs,
+                   retry_unreadable_s=retry_max_s)
+
+    def replay_some(self, stop: StopSignal) -> bool:
+        """Replay the oldest files this process may claim. True when it replayed (or quarantined) any.
+
+        Raises GiveUp/Abandoned as :meth:`Delivery.deliver` does; the file
+        being written then stays claimed, for a verified replay later.
+        """
+        directory = self.directory
+        now = time.monotonic()
+        files = [f for f in directory.replayable() if self._skip_until.get(f[0], 0.0) <= now]
+        if not files:
+            return self._recover_lone_tmp_files()
+        if files[0][1]:
+            self._replay_files(self._oldest_run(files), stop)
+            return True
+        with directory.replay_lock() as held:
+            if not held:
+                return False
+            if directory.recover_tmp_files():
+                files = directory.replayable()
+            if files[0][1]:
+                return True  # the picture changed under us: look again
+            self._replay_files(self._oldest_run(files), stop)
+            return True
+
+    @staticmethod
+    def _oldest_run(files: list[tuple[str, bool]]) -> list[str]:
+        """The oldest files of one kind (ours, or orphans under the lock), in order."""
+        own = files[0][1]
+        run = []
+        for name, is_own in files:
+            if is_own != own:
+                break
+            run.append(name)
+        return run
+
+    def _recover_lone_tmp_files(self) -> bool:
+        """A dead writer's tmp file with no spill file beside it: recover it too (under the replay lock)."""
+        if not self.directory.has_tmp_files():
+            return False
+        with self.directory.replay_lock() as held:
+            return held and bool(self.directory.recover_tmp_files())
+
+    def _replay_files(self, names: list[str], stop: StopSignal) -> None:
+        """Claim, parse and write spill files oldest first.
+
+        Small files are gathered into one store write (a LanceDB commit costs
+        the same for 10 rows or 4000). A file is removed only after its lines
+        are written; a crash before that leaves it claimed, for a verified replay.
+        """
+        group = []
+        gathered = 0
+        for name in names:
+            try:
+                claimed, recovered = self.directory.claim(name)
+            except FileNotFoundError:
+                continue  # taken by someone else since we listed it
+            stem = claimed.name.removesuffix(".claimed")
+            try:
+                parsed = parse_file(claimed, stem)
+            except OSError as exc:
+                self.warn.emit(log, logging.WARNING, "replay.failed", key=stem, file=claimed.name, error=str(exc))
+                self._skip_until[claimed.name] = time.monotonic() + self.retry_unreadable_s
+                continue
+            group.append((name, claimed, stem, recovered, parsed))
+            gathered += len(parsed.pairs)
+            if gathered >= self.batch_pairs:
+                break
+        pairs = [p for g in group for p in g[4].pairs]
+        entry_ids = [e for g in group for e in g[4].entry_ids]
+        # Lines that may have landed before (a crash mid-replay, a stuck write at
+        # stop, an older writer's line) make the store check ids first.
+        verify = any(recovered or parsed.seen for _, _, _, recovered, parsed in group)
+        for start in range(0, len(pairs), self.batch_pairs):
+            end = start + self.batch_pairs
+            self.delivery.deliver(Batch(pairs[start:end], entry_ids[start:end], verify=verify), stop, verify=verify)
+            with self.lock:
+                self.delivery.finish_locked()
+                self.ledger.count(replayed=len(pairs[start:end]))
+        for name, claimed, stem, recovered, parsed in group:
+            if parsed.bad:
+                self.quarantine.lines(stem, parsed.bad, whole=claimed if not parsed.pairs else None)
+            if parsed.pairs or not parsed.bad:
+                self.directory.remove(claimed)
+            emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.pairs), bad_lines=len(parsed.bad),
+                 verified=recovered)
+            with self.lock:
+                self.ledger.file_replayed(name)

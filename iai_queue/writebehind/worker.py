@@ -1,0 +1,132 @@
+"""The worker thread: coalesce, deliver, and do the idle work.
+
+Guarantee 4 (order), the worker half: batches leave memory in acceptance order;
+when memory is empty the worker first replays spill files (oldest first), and
+refills memory from the spill buffer only when no file waits.
+
+The worker coalesces for up to ``coalesce_ms`` or ``max_batch_pairs`` pairs
+(a flush or stop cuts the wait short), and calls ``store.maintain()`` when it
+has been idle for a while after writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+from ..events import RateLimiter
+from ..pairs import EntryIds
+from ..spill import SpillDirectory
+from .admission import Admission, Route
+from .config import QueueConfig
+from .delivery import Batch, Delivery
+from .ledger import Ledger
+from .lifecycle import Abandoned, GiveUp, Lifecycle, StopSignal
+from .replay import Replayer
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("iai_queue.queue")
+
+
+class Worker:
+    def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger, ids: EntryIds,
+                 admission: Admission, delivery: Delivery, replayer: Replayer, directory: SpillDirectory,
+                 maintain: Callable[[], Optional[Callable[[], Any]]], warn: RateLimiter):
+        self.lock = lock
+        self.cfg = cfg
+        self.ledger = ledger
+        self.ids = ids
+        self.admission = admission
+        self.delivery = delivery
+        self.replayer = replayer
+        self.directory = directory
+        self.maintain = maintain  # returns the store's maintain(), looked up at call time, or None
+        self.warn = warn
+        self.last_empty = time.monotonic()  # when the worker last found memory empty
+
+    def run(self, stop: StopSignal) -> None:
+        try:
+            while True:
+                batch = self._next_batch(stop)
+                if batch is None:
+                    return
+                self.delivery.deliver(batch, stop)
+                with self.lock:
+                    self.delivery.finish_locked()
+                    self.ledger.mark_done(batch.done_seqs)
+        except (GiveUp, Abandoned):
+            return
+        except BaseException:  # a bug: make it loud, stop() still spills what is left
+            log.exception("provenance worker crashed")
+
+    def _next_batch(self, stop: StopSignal) -> Optional[Batch]:
+        """The next batch from memory; does idle work while there is none. None: time to exit."""
+        adm, cfg = self.admission, self.cfg
+        coalesced = False
+        while True:
+            if stop.abandoned:
+                return None
+            closing = adm.state is not Lifecycle.RUNNING
+            if not adm.pending:
+                self.last_empty = time.monotonic()
+                if closing:
+                    return None
+                if self._idle_work(stop):
+                    continue
+                if not adm.wait_for_pending(1, min(cfg.idle_replay_s, 1.0),
+                                            lambda: not adm.pending and adm.state is Lifecycle.RUNNING):
+                    self._maintain()
+                continue
+            if not coalesced and not closing and not self.ledger.flush_waiters \
+                    and not adm.full_batch_waiting(cfg.max_batch_pairs):
+                coalesced = True
+                # A chunk holds at least one pair: this many chunks make a full batch.
+                adm.wait_for_pending(cfg.max_batch_pairs, cfg.coalesce_s,
+                                     lambda: not self.ledger.flush_waiters
+                                     and not adm.full_batch_waiting(cfg.max_batch_pairs))
+                continue
+            return self.take()
+
+    def take(self, into: Optional[deque] = None) -> Batch:
+        """Up to max_batch_pairs from memory, published as in flight (into ``into``) in the same step."""
+        with self.lock:
+            pairs, eids, done = self.admission.take_locked(self.cfg.max_batch_pairs, self.ids)
+            batch = Batch(pairs, eids, done_seqs=done)
+            self.delivery.publish_locked(batch, into)
+            return batch
+
+    def borrow(self, into: deque) -> Optional[Batch]:
+        """The next pairs from memory into ``into`` (the poison probe), or None when memory is empty."""
+        with self.lock:
+            if not self.admission.pending:
+                return None
+        return self.take(into)
+
+    def _idle_work(self, stop: StopSignal) -> bool:
+        """Called when memory is empty. True when it did something."""
+        if self.replayer.replay_some(stop):
+            return True
+        adm = self.admission
+        if adm.route is not Route.BEHIND_SPILL:
+            return False
+        generation = self.ledger.n["spilled_files"]
+        if self.directory.replayable():
+            return False  # ours are still on disk, or orphans of our store wait for their replayer
+        with self.lock:
+            return adm.refill_locked(generation)
+
+    def _maintain(self) -> None:
+        if not self.ledger.rows_since_maintain:
+            return
+        maintain = self.maintain()
+        if maintain is None:
+            return
+        self.ledger.rows_since_maintain = 0
+        try:
+            maintain()
+        except Exception as exc:
+            self.warn.emit(log, logging.WARNING, "maintain.failed", error=repr(exc)[:300])
