@@ -34,7 +34,6 @@ LanceDB does not survive ``fork()``: a child process must open its own store.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import secrets
 import threading
@@ -52,7 +51,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import BTree
 
-from .pairs import ProvenanceBatch, validate_pairs
+from .jsoncodec import UnencodableEntries, decode, encode_entries
+from .pairs import ProvenanceBatch
 
 __all__ = ["MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
 
@@ -83,27 +83,6 @@ class MemoryRecord:
     embedding: list[float]
     provenance: list[dict] = field(default_factory=list)
     created_at: datetime = field(default_factory=_utcnow)
-
-
-_json_default = json.JSONEncoder().default
-# One C encoder for every entry: json.dumps with separators builds a JSONEncoder
-# (and a C encoder) per call, which is most of its cost for a small dict.
-# markers=None skips the circular-reference check; a circular entry then raises
-# RecursionError, and _encode_entries re-encodes it with json.dumps for the usual ValueError.
-_c_encode = (json.encoder.c_make_encoder(None, _json_default, json.encoder.encode_basestring_ascii, None,
-                                         ":", ",", False, False, True)
-             if json.encoder.c_make_encoder is not None else None)
-
-
-def _encode_entries(entries: list) -> list[str]:
-    """Each entry as compact JSON text, exactly as ``json.dumps(e, separators=(",", ":"))``."""
-    if _c_encode is None:
-        return [json.dumps(e, separators=(",", ":")) for e in entries]
-    try:
-        join = "".join
-        return [join(_c_encode(e, 0)) for e in entries]
-    except RecursionError:
-        return [json.dumps(e, separators=(",", ":")) for e in entries]
 
 
 def _sql_str_list(values: Iterable[str]) -> str:
@@ -142,6 +121,8 @@ class MemoryStore:
         self._known_ids: set[str] = set()
         self._id_str_cache: dict[Any, str] = {}
         self._provenance_queue = None  # the live ProvenanceWriteQueue, or None (seed contract: kept)
+        self._retired_queue = None  # a stopped queue still draining or with entries on disk: writes go behind it
+        self._sync_queue = None  # a queue that never runs: the synchronous path
         self._toggle_lock = threading.Lock()
 
     # -- schema -----------------------------------------------------------------
@@ -239,7 +220,7 @@ class MemoryStore:
             rows = rows.sort_by("seq")
         eids = rows.column("entry_id")
         texts = rows.column("entry").to_pylist()
-        loads = json.loads
+        loads = decode
         if pc.count_distinct(eids).as_py() == len(texts):  # the common case: no id stored twice
             return [loads(t) for t in texts]
         seen: set[str] = set()
@@ -270,37 +251,43 @@ class MemoryStore:
     # -- provenance ----------------------------------------------------------------
 
     def append_provenance_batch(self, pairs: Sequence[tuple[UUID | str, dict]],
-                                records_cache: Optional[Mapping[Any, MemoryRecord]] = None) -> None:
+                                records_cache: Optional[Mapping[Any, MemoryRecord]] = None) -> int:
         """Append ``(record_id, entry)`` pairs in one commit, synchronously.
 
-        Unknown record ids are skipped; order is kept per record. Raises what
-        LanceDB raises (the caller retries), or ``TypeError`` for an entry that
-        is not JSON-serialisable.
+        Order is kept per record. Pairs for record ids the store does not have
+        are skipped; returns how many were skipped so (0 when all were known).
+        Raises what LanceDB raises (the caller retries), or
+        :class:`~iai_queue.jsoncodec.UnencodableEntries` — before writing
+        anything — naming every entry JSON cannot hold (see :mod:`iai_queue.jsoncodec`).
 
         Cost: one LanceDB ``add`` per call plus O(1) Python per pair (a cached
         id string and one JSON encode); columns go to Arrow in bulk.
         """
         n = len(pairs)
         if not n:
-            return
+            return 0
         entry_ids = getattr(pairs, "entry_ids", None)
         if entry_ids is None:
             prefix, counter = self._entry_prefix, self._entry_counter
             entry_ids = [f"{prefix}{next(counter)}" for _ in range(n)]
         record_ids = self._id_strings(pairs)
         keep = self._existing(record_ids, records_cache)  # None: all of them
+        unknown = 0 if keep is None else n - len(keep)
         if getattr(pairs, "verify", False):
             stored = self._stored_entry_ids(entry_ids if keep is None else [entry_ids[i] for i in keep])
             if stored:
                 keep = [i for i in (range(n) if keep is None else keep) if entry_ids[i] not in stored]
-        if keep is None:
-            entries = _encode_entries([p[1] for p in pairs])
-        else:
+        if keep is not None:
             if not keep:
-                return
-            entries = _encode_entries([pairs[i][1] for i in keep])
+                return unknown
             record_ids = [record_ids[i] for i in keep]
             entry_ids = [entry_ids[i] for i in keep]
+        try:
+            entries = encode_entries([p[1] for p in pairs] if keep is None else [pairs[i][1] for i in keep])
+        except UnencodableEntries as exc:
+            if keep is not None:  # name them by their index in ``pairs``
+                exc.bad = {keep[i]: reason for i, reason in exc.bad.items()}
+            raise
         m = len(entries)
         with self._seq_lock:
             base = max(time.time_ns(), self._last_seq + 1)
@@ -311,6 +298,7 @@ class MemoryStore:
             pa.array(np.arange(base, base + m, dtype=np.int64)),
             pa.array(entries, pa.string()),
         ], schema=self._provenance_schema()))
+        return unknown
 
     def _id_strings(self, pairs) -> list[str]:
         """``str(record_id)`` of every pair, through a bounded cache (UUID.__str__ is slow Python)."""
@@ -394,25 +382,42 @@ class MemoryStore:
                 q = ProvenanceWriteQueue(self, coalesce_ms=coalesce_ms, **queue_options)
                 q.start()
                 self._provenance_queue = q
+                self._retired_queue = None
             return self._provenance_queue
 
     def disable_provenance_queue(self, timeout: Optional[float] = None) -> None:
-        """Drain and stop the queue; later writes run synchronously. Idempotent."""
+        """Drain and stop the queue; later writes run synchronously, behind what it held. Idempotent.
+
+        Writes that race this call, and every write after it, go through the
+        stopped queue: they wait for its drain (at most its ``exit_timeout``,
+        or ``timeout``), then run on the caller's thread — or are spilled
+        behind what the queue left on disk — so order per record is kept.
+        """
         with self._toggle_lock:
             q, self._provenance_queue = self._provenance_queue, None
-        if q is not None:
-            # Enqueues racing this call land in the stopped queue, which writes
-            # them synchronously (see ProvenanceWriteQueue.enqueue).
-            q.stop() if timeout is None else q.stop(timeout=timeout)
+            if q is not None:
+                self._retired_queue = q
+        if q is None:
+            return
+        q.stop() if timeout is None else q.stop(timeout=timeout)
+        with self._toggle_lock:
+            if self._retired_queue is q and not q.left_on_disk:
+                self._retired_queue = None  # drained clean: nothing to keep order behind
 
     def queue_provenance_batch(self, pairs: Sequence[tuple[UUID | str, dict]]) -> None:
-        """Hand pairs to the live queue, or append them now on this thread."""
-        q = self._provenance_queue
-        if q is not None:
-            q.enqueue(pairs)
-        else:
-            # Same checks as enqueue: bad input fails the same way whichever path is live.
-            self.append_provenance_batch(list(validate_pairs(pairs)), records_cache=None)
+        """Hand pairs to the live queue, or append them now on this thread (behind a retired queue's entries)."""
+        q = self._provenance_queue or self._retired_queue or self._sync_queue
+        if q is None:
+            with self._toggle_lock:
+                q = self._provenance_queue or self._retired_queue or self._sync_queue
+                if q is None:
+                    from .writebehind import ProvenanceWriteQueue
+
+                    # A queue that never runs: its closed route is the synchronous write,
+                    # with the same checks, codec and quarantine as every other path.
+                    q = self._sync_queue = ProvenanceWriteQueue(self)
+                    q.stop()
+        q.enqueue(pairs)
 
     async def adisable_provenance_queue(self) -> None:
         """:meth:`disable_provenance_queue` without blocking the event loop."""

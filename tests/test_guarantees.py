@@ -12,6 +12,7 @@ import errno
 import gc
 import json
 import logging
+import fcntl
 import os
 import sys
 import threading
@@ -342,17 +343,27 @@ def test_leftover_tmp_of_dead_writer_is_recovered(store, records, spill_dir):
 
 
 @pytest.mark.timeout(30)
-def test_young_tmp_is_left_alone(store, records, spill_dir):
-    """A tmp younger than 2 s may be a live writer between open() and flock(): not touched."""
+def test_tmp_of_a_live_writer_is_left_alone(store, records, spill_dir):
+    """Alive is told by the writer's lock, never by age: a tmp whose writer holds its lock is not touched."""
     spill_dir.mkdir(parents=True)
     tmp = spill_dir / ("." + orphan_name(store.path, 1, writer="wlive") + ".tmp")
-    tmp.write_bytes(spill_line(records[0].id, {"t": "young", "n": 0}, eid="young-0"))
+    tmp.write_bytes(spill_line(records[0].id, {"t": "live", "n": 0}, eid="live-0"))
+    old = time.time() - 3600
+    os.utime(tmp, (old, old))  # an hour old, and still alive
+    lock_fd = os.open(spill_dir / ".writer-wlive.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
     write_orphans(spill_dir, store.path, [records[1].id], files=1, per_file=3)
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
     try:
         wait_for(lambda: pending_spill_files(spill_dir) == [tmp.name], 10, what="the orphan to replay")
         assert tmp.exists() and store.get(records[0].id).provenance == []
+        os.close(lock_fd)  # the writer dies: its tmp is recovered now, young or old
+        lock_fd = None
+        wait_for(lambda: not pending_spill_files(spill_dir), 10, what="the dead writer's tmp to be recovered")
+        assert store.get(records[0].id).provenance == [{"t": "live", "n": 0}]
     finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
         _stop(q)
 
 
@@ -368,11 +379,12 @@ def test_torn_and_garbage_files_are_quarantined_and_the_worker_keeps_going(store
 
     n = iter(range(1, 100))
     torn_last = spill_line(ids[0], {"t": "g", "n": 999}, eid="g-999")[:25]  # cut mid-JSON, no newline
+    huge_line = b'{"id": "' + b"x" * (2 << 20) + b'"}\n'
     files = {
         "torn": good(0) + good(1) + good(2) + torn_last,
         "empty": b"",
         "binary": bytes(range(256)) * 8,
-        "huge": b'{"id": "' + b"x" * (2 << 20) + b'"}\n',
+        "huge": huge_line,  # no size limit: judged (and kept) whole
         "list": b"[1,2]\n",
         "intid": b'{"id": 5}\n',
         "notuuid": b'{"id": "not-a-uuid", "entry": {"t": "g", "n": -5}}\n',
@@ -397,7 +409,8 @@ def test_torn_and_garbage_files_are_quarantined_and_the_worker_keeps_going(store
         torn = stems[names["torn"][: -len(".jsonl")]]
         assert torn.read_bytes().rstrip(b"\n") == torn_last
         assert "not JSON" in torn.with_suffix(".reason").read_text()
-        assert "exceeds" in stems[names["huge"][:-6]].with_suffix(".reason").read_text()
+        assert stems[names["huge"][:-6]].read_bytes() == huge_line  # kept whole, byte for byte
+        assert "UUID" in stems[names["huge"][:-6]].with_suffix(".reason").read_text()
         assert "UUID" in stems[names["notuuid"][:-6]].with_suffix(".reason").read_text()
         assert "empty" in stems[names["empty"][:-6]].with_suffix(".reason").read_text()
         assert names["after"][:-6] not in stems

@@ -13,13 +13,13 @@ implements written at its top:
 - :mod:`.operator` — ``status``, ``inspect_file``, ``requeue`` for operators.
 """
 
-from .codec import MAX_LINE_BYTES, BadLine, ParsedSpill, SpillLine, encode_line, parse_file, parse_line
+from .codec import BadLine, ParsedSpill, SpillLine, encode_line, parse_file, parse_line
 from .directory import SpillDirectory
 from .names import FileState, default_spill_dir, is_pending_name, is_quarantined_name, store_tag
 from .operator import LineReport, SpillFileInfo, SpillStatus, inspect_file, requeue, status
 
 __all__ = [
-    "MAX_LINE_BYTES", "BadLine", "FileState", "LineReport", "ParsedSpill", "SpillDirectory", "SpillFileInfo",
+    "BadLine", "FileState", "LineReport", "ParsedSpill", "SpillDirectory", "SpillFileInfo",
     "SpillLine", "SpillStatus", "default_spill_dir", "encode_line", "inspect_file", "is_pending_name",
     "is_quarantined_name", "parse_file", "parse_line", "requeue", "status", "store_tag",
 ]

@@ -8,21 +8,30 @@
 and ``seen`` (1: the pair may already be in the store, verify before applying)
 are ours; a line from an older writer without ``eid`` gets the stable identity
 ``<original stem>:<line number>`` and is always verified. A line that cannot be
-parsed is a :class:`BadLine`, kept byte for byte with its reason.
+parsed is a :class:`BadLine`, kept whole, byte for byte, with its reason.
+
+Lines have no size limit: any entry the queue accepted survives a spill and its
+replay byte for byte (the directory is private to its user, see
+:func:`iai_queue.spill.directory.ensure_private_dir`). Entries are encoded with
+the package's one codec (:mod:`iai_queue.jsoncodec`), as the store encodes them.
+Line numbers are 1-based and count every line, blank ones included, everywhere
+(replay, ``.reason`` files, ``iai-queue spill inspect``).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 from uuid import UUID
 
-__all__ = ["MAX_LINE_BYTES", "BadLine", "ParsedSpill", "SpillLine", "encode_line", "parse_file", "parse_line",
+from ..jsoncodec import decode, encode
+
+__all__ = ["BadLine", "ParsedSpill", "SpillLine", "encode_line", "parse_file", "parse_line",
            "read_lines"]
 
-MAX_LINE_BYTES = 1 << 20  # a longer line is quarantined, not parsed
 
 
 class SpillLine(NamedTuple):
@@ -53,19 +62,20 @@ class ParsedSpill:
 
 
 def encode_line(record_id: UUID, entry: dict, entry_id: str, seen: bool) -> bytes:
-    """One spill line; raises TypeError/ValueError for an entry JSON cannot hold."""
+    """One spill line; raises TypeError for an entry JSON cannot hold."""
     obj = {"id": str(record_id), "entry": entry, "eid": entry_id}
     if seen:
         obj["seen"] = 1
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    return encode(obj) + b"\n"
 
 
 def unencodable_line(record_id: UUID, entry: dict, entry_id: str) -> bytes:
-    """A readable stand-in for a pair JSON cannot hold, for its quarantine file."""
-    return (repr({"id": str(record_id), "entry": entry, "eid": entry_id}) + "\n").encode()
-
-
-_decode_json = json.JSONDecoder().decode  # json.loads minus its per-call setup: replay parses every line
+    """A readable stand-in for a pair JSON cannot hold, for its quarantine file (one line)."""
+    try:
+        text = repr({"id": str(record_id), "entry": entry, "eid": entry_id})
+    except RecursionError:
+        text = repr({"id": str(record_id), "entry": "<nested too deep to show>", "eid": entry_id})
+    return text.replace("\n", "\\n").encode("utf-8", "backslashreplace") + b"\n"
 
 
 def parse_line(raw: bytes, identity: Optional[str] = None, *, stem: str = "", lineno: int = 0) -> SpillLine | str:
@@ -78,11 +88,9 @@ def parse_line(raw: bytes, identity: Optional[str] = None, *, stem: str = "", li
 
 
 def _parse(raw: bytes, identity: Optional[str], stem: str, lineno: int) -> tuple[UUID, dict, str, bool] | str:
-    if len(raw) > MAX_LINE_BYTES:
-        return f"line of {len(raw)} bytes exceeds {MAX_LINE_BYTES}"
     try:
-        obj = _decode_json(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = decode(raw)
+    except ValueError as exc:
         return f"not JSON: {exc}"
     if not isinstance(obj, dict):
         return f"not an object: {type(obj).__name__}"
@@ -108,36 +116,34 @@ def _parse(raw: bytes, identity: Optional[str], stem: str, lineno: int) -> tuple
     return uid, entry, eid, "seen" in obj and bool(obj["seen"])
 
 
-def read_lines(f) -> Iterator[tuple[int, bytes, int]]:
-    """``(lineno, raw, length)`` per line. A line over MAX_LINE_BYTES comes back cut to
-    its first MAX_LINE_BYTES + 1 bytes (the rest is skipped, not held in memory)."""
-    lineno = 0
-    while True:
-        raw = f.readline(MAX_LINE_BYTES + 1)
-        if not raw:
-            return
-        lineno += 1
-        length = len(raw)
-        if length > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            while True:
-                chunk = f.readline(MAX_LINE_BYTES)
-                length += len(chunk)
-                if not chunk or chunk.endswith(b"\n"):
-                    break
-        yield lineno, raw, length
+def read_lines(f) -> Iterator[tuple[int, bytes]]:
+    """``(lineno, raw)`` per line, whole, 1-based."""
+    for lineno, raw in enumerate(f, 1):
+        yield lineno, raw
+
+
+def open_regular(path: Path):
+    """``path`` opened for reading, binary, only if it is a regular file: never follows a symlink,
+    never blocks on a FIFO. Raises OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path.name} is not a regular file (mode {stat.filemode(mode)}): not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def parse_file(path: Path, original_stem: str) -> ParsedSpill:
-    """Every line of a spill file, good ones as pairs, bad ones kept with their reason."""
+    """Every line of a spill file, good ones as pairs, bad ones kept whole with their reason."""
     out = ParsedSpill()
     pairs, entry_ids, bad = out.pairs, out.entry_ids, out.bad
     seen = False
-    with open(path, "rb") as f:
-        for lineno, raw, length in read_lines(f):
-            if length > MAX_LINE_BYTES:
-                bad.append(BadLine(lineno, raw[:4096] + b"\n", f"line of {length} bytes exceeds {MAX_LINE_BYTES} "
-                                   "(only its first 4096 bytes are kept here)"))
-                continue
+    with open_regular(path) as f:
+        for lineno, raw in read_lines(f):
             if raw.isspace():
                 continue
             parsed = _parse(raw, None, original_stem, lineno)

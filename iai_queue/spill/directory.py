@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -37,14 +38,46 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .codec import BadLine
 from .locks import lock_fd, try_flock, unlock
-from .names import (REPLAY_LOCK, file_name, is_pending_name, is_tmp_name, parse_name, stem_of, store_tag,
-                    writer_lock_name)
+from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, parse_name, stem_of,
+                    store_tag, writer_lock_name)
 
 __all__ = ["SpillDirectory", "fsync_dir"]
 
 log = logging.getLogger("iai_queue.spill")
 
-_TMP_ORPHAN_AGE_S = 2.0  # a tmp younger than this may be between open() and flock()
+_FOREIGN_TMP_AGE_S = 2.0  # a tmp not named by this library: younger than this may be between open() and flock()
+
+
+def ensure_private_dir(path: Path) -> bool:
+    """Create ``path`` (and missing parents) 0o700; check an existing one. True when it was tightened.
+
+    Like ssh's StrictModes: a directory of ours that others may write is
+    tightened to 0o700 (and logged); one owned by another user is refused
+    (PermissionError), since its files could be planted.
+    """
+    missing = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)  # whatever the umask
+        except FileExistsError:
+            pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"spill directory {str(path)!r} is not a directory")
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"spill directory {str(path)!r} is owned by uid {st.st_uid}, not by this "
+                              f"process's uid {os.getuid()}: refused (its files could be planted)")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+        log.warning("spill.dir_tightened dir=%s mode=%o", path, stat.S_IMODE(st.st_mode),
+                    extra={"event": "spill.dir_tightened", "dir": str(path), "mode": oct(stat.S_IMODE(st.st_mode))})
+        return True
+    return False
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,16 +109,32 @@ class SpillDirectory:
         self._counter = 0
         self._last_ts = 0
         self._writer_fd: Optional[int] = None
+        self._dir_ready = False  # created (or checked), and _last_ts above every file already there
         self._write_lock = threading.Lock()  # the spill thread, stop() and late enqueues all write
 
     # -- writing ---------------------------------------------------------------
 
     def _ensure_dir(self) -> None:
-        if not self.path.is_dir():
-            self.path.mkdir(parents=True, exist_ok=True)
+        """Called under the write lock before every write: the directory, our writer lock, our clock."""
+        if not self._dir_ready or not self.path.is_dir():
+            ensure_private_dir(self.path)
+            # Order must not depend on clocks agreeing: name our files after every file already here.
+            newest = max((p.ts for n in self.names() if (p := parse_name(stem_of(n.lstrip(".").removesuffix(".tmp"))))),
+                         default=0)
+            self._last_ts = max(self._last_ts, newest)
+            self._dir_ready = True
+        if self._writer_fd is not None and os.fstat(self._writer_fd).st_nlink == 0:
+            unlock(self._writer_fd)  # the directory was removed under us: our lock file with it
+            self._writer_fd = None
         if self._writer_fd is None:
             # Held while this queue lives: our files are ours to replay, in order.
             self._writer_fd = try_flock(self.path / writer_lock_name(self.writer))
+
+    def quarantine_stem(self, kind: str) -> str:
+        """A stem for pairs this queue sets aside: named like our spill files, plus ``-<kind>``."""
+        with self._write_lock:
+            self._counter += 1
+            return file_stem(max(time.time_ns(), self._last_ts + 1), self.store, self.writer, self._counter, kind)
 
     def write(self, lines: Sequence[bytes], *, before_ts: Optional[int] = None,
               on_named: Optional[Callable[[str], None]] = None) -> Path:
@@ -150,6 +199,14 @@ class SpillDirectory:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def regular_names(self) -> list[str]:
+        """Names of regular files only: a FIFO, a device or a symlink is never opened or followed."""
+        try:
+            with os.scandir(self.path) as it:
+                return [e.name for e in it if e.is_file(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _is_own(self, name: str) -> bool:
         parts = parse_name(stem_of(name))
         return parts is not None and parts.writer == self.writer
@@ -164,7 +221,7 @@ class SpillDirectory:
         return min(stamps) if stamps else None
 
     def has_tmp_files(self) -> bool:
-        return any(is_tmp_name(n) for n in self.names())
+        return any(is_tmp_name(n) for n in self.regular_names())
 
     def replayable(self) -> list[tuple[str, bool]]:
         """Files this queue may replay now, oldest first: ``(name, own)``.
@@ -174,7 +231,7 @@ class SpillDirectory:
         """
         alive: dict[str, bool] = {}
         out = []
-        for n in self.names():
+        for n in self.regular_names():
             if not (is_pending_name(n) or n.endswith(".claimed")):
                 continue
             parts = parse_name(stem_of(n))
@@ -216,22 +273,38 @@ class SpillDirectory:
             unlock(fd)
 
     def recover_tmp_files(self) -> int:
-        """Rename spill temp files whose writer is gone to their final name. Call under the replay lock."""
+        """Rename spill temp files whose writer is gone to their final name. Call under the replay lock.
+
+        Dead or alive is told by the writer's lock, never by age; an empty tmp
+        of a dead writer (killed before it wrote) is removed.
+        """
         recovered = 0
         now = time.time()
-        for n in self.names():
+        alive: dict[str, bool] = {}
+        for n in self.regular_names():
             if not is_tmp_name(n):
                 continue
             p = self.path / n
-            try:
-                if now - p.stat().st_mtime < _TMP_ORPHAN_AGE_S:
+            parts = parse_name(stem_of(n[1:-len(".tmp")]))
+            if parts is not None:
+                if parts.writer not in alive:
+                    alive[parts.writer] = parts.writer == self.writer or self._writer_alive(parts.writer)
+                if alive[parts.writer]:
                     continue
-            except FileNotFoundError:
-                continue
+            else:
+                try:
+                    if now - p.stat().st_mtime < _FOREIGN_TMP_AGE_S:
+                        continue
+                except FileNotFoundError:
+                    continue
             fd = try_flock(p)
             if fd is None:
                 continue  # its writer is still writing
             try:
+                if os.fstat(fd).st_size == 0:
+                    os.unlink(p)
+                    log.info("spill.remove_empty_tmp", extra={"event": "spill.remove_empty_tmp", "file": n})
+                    continue
                 final = self.path / n[1:-len(".tmp")]
                 os.rename(p, final)
                 recovered += 1
@@ -241,6 +314,30 @@ class SpillDirectory:
         if recovered:
             fsync_dir(self.path)
         return recovered
+
+    def remove_stale_writer_locks(self) -> int:
+        """Remove lock files of dead writers with no files left. Call under the replay lock."""
+        names = self.names()
+        writers_with_files = {p.writer for n in names if not n.startswith(".writer-")
+                              and (p := parse_name(stem_of(n.lstrip(".").removesuffix(".tmp"))))}
+        removed = 0
+        for n in names:
+            if not (n.startswith(".writer-") and n.endswith(".lock")):
+                continue
+            writer = n[len(".writer-"):-len(".lock")]
+            if writer == self.writer or writer in writers_with_files:
+                continue
+            fd = try_flock(self.path / n)
+            if fd is None:
+                continue  # alive
+            try:
+                os.unlink(self.path / n)
+                removed += 1
+            except OSError:
+                pass
+            finally:
+                unlock(fd)
+        return removed
 
     def claim(self, name: str) -> tuple[Path, bool]:
         """Move a pending file to its claimed name. Returns (claimed path, recovered):
@@ -260,7 +357,7 @@ class SpillDirectory:
         ``whole``: move that file there as it is (nothing in it was good).
         """
         bad = list(bad)
-        self.path.mkdir(parents=True, exist_ok=True)  # a poison pair may come before any spill
+        ensure_private_dir(self.path)  # a poison pair may come before any spill
         ts = int(time.time())
         while (self.path / f"{stem}.failed-{ts}.jsonl").exists():
             ts += 1

@@ -8,7 +8,9 @@ The name on disk is the state (forward only)::
 
 ``<ts_ns>`` orders files oldest first; ``<store>`` is a hash of the store path,
 so processes of one user with different stores can share the directory;
-``<writer>`` names one live queue. Every other ``*.jsonl`` (an older writer's,
+``<writer>`` names one live queue. Quarantined pairs of a queue (poison,
+unencodable) are named ``<ts>-<store>-<writer>-<n>-<kind>.failed-<unix_ts>.jsonl``,
+so a repaired file requeues into its own store only. Every other ``*.jsonl`` (an older writer's,
 a hand-made one) is PENDING too, for any store.
 """
 
@@ -25,7 +27,7 @@ __all__ = ["FileState", "SpillName", "default_spill_dir", "file_state", "is_pend
            "parse_name", "stem_of", "store_tag"]
 
 _FAILED = re.compile(r"\.failed-\d+\.jsonl$")
-_OURS = re.compile(r"^(?P<ts>\d{19})-(?P<store>[0-9a-f]{8})-(?P<writer>w[0-9a-z]+)-(?P<n>\d+)$")
+_OURS = re.compile(r"^(?P<ts>\d{19})-(?P<store>[0-9a-f]{8})-(?P<writer>w[0-9a-z]+)-(?P<n>\d+)(?:-(?P<kind>[a-z]+))?$")
 TMP_SUFFIX = ".jsonl.tmp"
 
 
@@ -43,6 +45,7 @@ class SpillName(NamedTuple):
     store: str
     writer: str
     n: int
+    kind: Optional[str] = None  # quarantined pairs: "poison" or "unencodable"
 
 
 def default_spill_dir() -> Path:
@@ -86,7 +89,7 @@ def quarantined_stem(name: str) -> str:
 def parse_name(stem: str) -> Optional[SpillName]:
     """The parts of a stem this library wrote, or None for anyone else's."""
     m = _OURS.match(stem)
-    return None if m is None else SpillName(int(m["ts"]), m["store"], m["writer"], int(m["n"]))
+    return None if m is None else SpillName(int(m["ts"]), m["store"], m["writer"], int(m["n"]), m["kind"])
 
 
 def file_state(name: str) -> Optional[tuple[FileState, str]]:
@@ -102,8 +105,12 @@ def file_state(name: str) -> Optional[tuple[FileState, str]]:
     return None
 
 
+def file_stem(ts: int, store: str, writer: str, n: int, kind: Optional[str] = None) -> str:
+    return f"{ts:019d}-{store}-{writer}-{n:06d}" + (f"-{kind}" if kind else "")
+
+
 def file_name(ts: int, store: str, writer: str, n: int) -> str:
-    return f"{ts:019d}-{store}-{writer}-{n:06d}.jsonl"
+    return file_stem(ts, store, writer, n) + ".jsonl"
 
 
 def writer_lock_name(writer: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .codec import MAX_LINE_BYTES, parse_line, read_lines
+from .codec import open_regular, parse_line, read_lines
 from .directory import fsync_dir
 from .locks import lock_held
 from .names import FileState, file_state, is_quarantined_name, parse_name, quarantined_stem, stem_of, store_tag, \
@@ -66,11 +66,14 @@ class SpillStatus:
         }
 
 
+_READ_CHUNK = 1 << 20
+
+
 def _count_lines(path: Path) -> int:
-    """Non-blank lines, read in bounded chunks (an overlong line counts once)."""
+    """Non-blank lines, read in bounded chunks (a long line counts once)."""
     n, content = 0, False
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.readline(MAX_LINE_BYTES), b""):
+    with open_regular(path) as f:
+        for chunk in iter(lambda: f.readline(_READ_CHUNK), b""):
             content = content or bool(chunk.strip())
             if chunk.endswith(b"\n"):
                 n, content = n + content, False
@@ -128,16 +131,15 @@ def inspect_file(path: os.PathLike[str] | str) -> list[LineReport]:
     path = Path(path)
     stem = stem_of(path.name)
     out = []
-    with open(path, "rb") as f:
-        for lineno, raw, size in read_lines(f):
+    with open_regular(path) as f:
+        for lineno, raw in read_lines(f):
             if raw.isspace():
                 continue
-            parsed = parse_line(raw, stem=stem, lineno=lineno) if size <= MAX_LINE_BYTES else (
-                f"line of {size} bytes exceeds {MAX_LINE_BYTES}")
+            parsed = parse_line(raw, stem=stem, lineno=lineno)
             if isinstance(parsed, str):
-                out.append(LineReport(lineno, size, parsed))
+                out.append(LineReport(lineno, len(raw), parsed))
             else:
-                out.append(LineReport(lineno, size, None, str(parsed.record_id), parsed.entry_id))
+                out.append(LineReport(lineno, len(raw), None, str(parsed.record_id), parsed.entry_id))
     return out or [LineReport(0, 0, "empty file")]
 
 

@@ -15,9 +15,11 @@ dir) the entries stay in memory — beyond the ``max_queue_size`` batches, up to
 
 The one drop path: a pair is dropped only when memory already holds
 ``max_memory_pairs`` for the spill directory and the directory is failing.
-Each drop is counted (``stats().dropped``) and logged at ERROR. When the disk
+Each drop is counted (``stats().dropped``) and logged at ERROR (rate-limited, with
+the count suppressed). When the disk
 works but is slower than the callers, ``enqueue`` waits for the spill thread
-instead (backpressure): the only place it waits, never on the store.
+instead (backpressure, at most ``BACKPRESSURE_MAX_S``; then it holds the pair
+over the bound rather than drop it): never on the store.
 
 Storage hooks (``*_locked``) are called with the lock held; :meth:`enqueue`
 is the only method that runs without it.
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from enum import Enum
 from typing import Any, Callable, Optional
 from uuid import UUID
 
-from ..events import emit
+from ..events import RateLimiter
 from ..pairs import EntryIds, validate_pairs
 from .chunks import Chunk, HeldChunk, chunk_len, chunk_seq, split_chunk
 from .config import QueueConfig
@@ -42,6 +45,8 @@ from .lifecycle import NEVER, Lifecycle
 __all__ = ["Admission", "Route"]
 
 log = logging.getLogger("iai_queue.queue")
+
+BACKPRESSURE_MAX_S = 10.0  # enqueue waits at most this long for a working but slow disk, then goes over the bound
 
 
 class Route(Enum):
@@ -54,12 +59,13 @@ class Admission:
     """The in-memory buffers, the route, backpressure and the drop path.
 
     ``on_closed(chunk)`` takes a chunk that arrives while the route is closed
-    (after ``stop()``, or a forked child's first use).
+    (a new queue's first use, or during and after ``stop()``).
     """
 
-    def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger,
+    def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger, warn: RateLimiter,
                  on_closed: Callable[[Chunk], None]):
         self.lock = lock
+        self.warn = warn
         self.ledger = ledger
         self.next_seq = ledger.next_seq
         self.max_queue_size = cfg.max_queue_size
@@ -76,22 +82,17 @@ class Admission:
         self.worker_wake = threading.Event()  # the worker waits on it for work, a flush, or stop
         self.spill_wake = threading.Event()  # the spill thread waits on it for the spill buffer
         self.spill_room = threading.Condition(lock)  # enqueue waits on it for the spill thread
-        self.state = Lifecycle.NEW
-        self.autostart = False  # a forked child starts its worker on first enqueue
+        self.state = Lifecycle.NEW  # a new queue (or a forked child's) starts on its first enqueue
         self.route = Route.MEMORY
-        self._fast = True  # derived in _set(): the hot path reads one bool
+        self._fast = False  # derived in _set(): the hot path reads one bool
 
-    def _set(self, state: Optional[Lifecycle] = None, route: Optional[Route] = None,
-             autostart: Optional[bool] = None) -> None:
+    def _set(self, state: Optional[Lifecycle] = None, route: Optional[Route] = None) -> None:
         """The one place state, route and the hot path's flag change (lock held, or before threads exist)."""
         if state is not None:
             self.state = state
         if route is not None:
             self.route = route
-        if autostart is not None:
-            self.autostart = autostart
-        self._fast = self.route is Route.MEMORY and (
-            self.state is Lifecycle.RUNNING or (self.state is Lifecycle.NEW and not self.autostart))
+        self._fast = self.route is Route.MEMORY and self.state is Lifecycle.RUNNING
 
     def set_locked(self, **changes: Any) -> None:
         self._set(**changes)
@@ -132,7 +133,7 @@ class Admission:
 
     def _enqueue_locked(self, chunk: Chunk) -> None:
         with self.lock:
-            if self.route is not Route.CLOSED and not (self.state is Lifecycle.NEW and self.autostart):
+            if self.state is Lifecycle.RUNNING:
                 if self.route is Route.MEMORY and len(self.pending) < self.max_queue_size:
                     self.pending.append(chunk)
                     if len(self.pending) >= self.wake_threshold:
@@ -144,7 +145,7 @@ class Admission:
         self.on_closed(chunk)
 
     def readmit(self, chunk: Chunk) -> None:
-        """A chunk that keeps its seq goes through admission again (a forked child's first use)."""
+        """A chunk that keeps its seq goes through admission again (after the first use started the queue)."""
         self._enqueue_locked(chunk)
 
     def _overflow(self, chunk: Chunk) -> None:
@@ -157,15 +158,17 @@ class Admission:
 
         # A working disk slower than the callers: wait for the spill thread (the
         # one place enqueue waits, and only on a disk that is working).
+        give_up_at = time.monotonic() + BACKPRESSURE_MAX_S
         while (waiting() + n > self.max_memory_pairs and waiting() and not self.spill_failing
-               and self.state is Lifecycle.RUNNING):
+               and self.state is Lifecycle.RUNNING and time.monotonic() < give_up_at):
             self.spill_room.wait(1.0)
-        if waiting() + n > self.max_memory_pairs and waiting():
+        if waiting() + n > self.max_memory_pairs and waiting() and self.spill_failing:
             # The single drop path: the disk is failing and memory is full.
             self.ledger.count(dropped=n)
             self.ledger.mark_done((chunk_seq(chunk),))
-            emit(log, logging.ERROR, "drop", count=n, total_dropped=self.ledger.n["dropped"],
-                 reason="memory at max_memory_pairs and the spill directory is failing")
+            self.warn.emit(log, logging.ERROR, "drop", key="memory full", count=n,
+                           total_dropped=self.ledger.n["dropped"],
+                           reason="memory at max_memory_pairs and the spill directory is failing")
             return
         self.spill_buffer.append(chunk)
         self.spill_buffer_pairs += n

@@ -24,6 +24,7 @@ from collections import deque
 from typing import Callable, Optional, Sequence
 
 from ..events import RateLimiter, emit
+from ..jsoncodec import UnencodableEntries
 from ..pairs import ProvenanceBatch
 from .ledger import Ledger
 from .lifecycle import Abandoned, Backoff, StopSignal
@@ -33,6 +34,40 @@ __all__ = ["Batch", "Delivery"]
 log = logging.getLogger("iai_queue.queue")
 
 POISON_FAILURES = 3  # a single pair failing this often while later pairs write is poison
+IN_FLIGHT_WAIT_S = 1.0  # a verified write waits this long for an earlier write of the same ids, then retries
+
+
+class WritesInFlight:
+    """Entry ids being written right now by any queue of this process.
+
+    A verified write (a retry, a replay, a batch taken over from a stopped
+    worker) first waits until no earlier write of the same ids is still in
+    the store's hands — else both could find the ids absent and both append.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._ids: set[str] = set()
+
+    def begin(self, entry_ids: Sequence[str], verify: bool) -> bool:
+        """Register ``entry_ids``; False when a verified write still overlaps an earlier one after the wait."""
+        with self._changed:
+            if verify and not self._changed.wait_for(lambda: self._ids.isdisjoint(entry_ids), IN_FLIGHT_WAIT_S):
+                return False
+            self._ids.update(entry_ids)
+            return True
+
+    def end(self, entry_ids: Sequence[str]) -> None:
+        with self._changed:
+            self._ids.difference_update(entry_ids)
+            self._changed.notify_all()
+
+
+WRITES_IN_FLIGHT = WritesInFlight()
+
+
+class StillInFlight(Exception):
+    """An earlier write of the same entry ids has not returned yet: retried like a store error."""
 
 
 class Batch(ProvenanceBatch):
@@ -55,7 +90,8 @@ class Delivery:
     """
 
     def __init__(self, lock: threading.Lock, ledger: Ledger, write: Callable[[ProvenanceBatch], None],
-                 backoff: Backoff, warn: RateLimiter, quarantine_pairs: Callable[[ProvenanceBatch, str], None],
+                 backoff: Backoff, warn: RateLimiter,
+                 quarantine_pairs: Callable[[ProvenanceBatch, Sequence[str] | str, str], None],
                  borrow: Callable[[deque], Optional[Batch]] = lambda into: None):
         self.lock = lock
         self.ledger = ledger
@@ -66,18 +102,30 @@ class Delivery:
         self.borrow = borrow
         self.in_flight: Optional[deque] = None
         self.in_flight_on_disk = False  # a replay: its pairs are safe in the claimed file
+        self.current: Optional[ProvenanceBatch] = None  # the batch in_flight came from (it knows its seqs)
 
     # -- in flight (lock held) ---------------------------------------------------------
 
     def publish_locked(self, batch: Batch, into: Optional[deque] = None) -> deque:
         into = deque() if into is None else into
         into.append(batch)
+        if not into is self.in_flight:
+            self.current = batch
         self.in_flight = into
         self.in_flight_on_disk = False
         return into
 
     def finish_locked(self) -> None:
         self.in_flight = None
+        self.current = None
+
+    def unfinished_locked(self) -> Optional[ProvenanceBatch]:
+        """The batch a crashed worker left in flight (only in memory), to resume; None if there is none."""
+        if not self.in_flight or self.in_flight_on_disk:
+            return None
+        for b in self.in_flight:
+            b.verify = True  # the crash may have come after the store took it
+        return self.current
 
     def in_memory_pairs_locked(self) -> int:
         """Pairs in flight that exist nowhere else (a replay's are safe in their file)."""
@@ -88,22 +136,24 @@ class Delivery:
     def take_over_locked(self) -> list[ProvenanceBatch]:
         """stop(): the unwritten batches that exist only in memory; nothing is in flight after."""
         out = list(self.in_flight) if self.in_flight and not self.in_flight_on_disk else []
-        self.in_flight = None
+        self.finish_locked()
         return out
 
     # -- writing -----------------------------------------------------------------------------
 
-    def deliver(self, batch: ProvenanceBatch, stop: StopSignal, verify: bool = False) -> None:
+    def deliver(self, batch: ProvenanceBatch, stop: StopSignal, verify: bool = False, resume: bool = False) -> None:
         """Write ``batch``, retrying and isolating poison, until done.
 
         Raises GiveUp when the stop deadline passes first, Abandoned when
         stop() has taken the batch over; the unwritten part is then in
-        ``in_flight`` for stop() to spill.
+        ``in_flight`` for stop() to spill. ``resume``: go on with what is in
+        flight (a restarted worker).
         """
         with self.lock:
-            if self.in_flight is None or self.in_flight[0] is not batch:
+            if not resume and (self.in_flight is None or self.in_flight[0] is not batch):
                 self.in_flight = deque([batch])
                 self.in_flight_on_disk = True  # a replay: its pairs are safe in the claimed file
+                self.current = batch
             todo = self.in_flight
         attempt = 0
         single_failures = 0
@@ -135,9 +185,25 @@ class Delivery:
             attempt += 1
 
     def try_write(self, b: ProvenanceBatch) -> Optional[Exception]:
+        """One write of ``b``; the exception on failure. Entries JSON cannot hold are set aside first."""
+        error = self._write_once(b)
+        if isinstance(error, UnencodableEntries):
+            good = self._set_aside_unencodable(b, error)
+            error = self._write_once(good) if good else None
+        return error
+
+    def _write_once(self, b: ProvenanceBatch) -> Optional[Exception]:
         t0 = time.perf_counter()
+        ids = b.entry_ids
         try:
-            self.write(b)
+            if not WRITES_IN_FLIGHT.begin(ids, b.verify):
+                raise StillInFlight("an earlier write of these entries has not returned yet")
+            try:
+                skipped = self.write(b) or 0
+            finally:
+                WRITES_IN_FLIGHT.end(ids)
+        except UnencodableEntries as exc:
+            return exc  # decided by the entries, not the store: no error counted, nothing retried
         except Exception as exc:
             with self.lock:
                 self.ledger.count(store_errors=1)
@@ -146,8 +212,30 @@ class Delivery:
             return exc
         dt = time.perf_counter() - t0
         with self.lock:
-            self.ledger.wrote(len(b), dt)
+            self.ledger.wrote(len(b) - skipped, dt)
+            self.ledger.count(skipped_unknown=skipped)
+        if skipped:
+            self.warn.emit(log, logging.WARNING, "skip.unknown_record", pairs=skipped,
+                           reason="no record with that id in the store")
         return None
+
+    def _set_aside_unencodable(self, b: ProvenanceBatch, error: UnencodableEntries) -> Optional[ProvenanceBatch]:
+        """Quarantine the pairs of ``b`` that cannot be stored; the batch of the others (None if none).
+
+        ``b`` is changed in place to hold only the others, so a caller holding it
+        (the bisection's deque) writes exactly those.
+        """
+        bad = sorted(i for i in error.bad if 0 <= i < len(b))
+        if not bad:
+            return b
+        aside = ProvenanceBatch([b[i] for i in bad], [b.entry_ids[i] for i in bad], True)
+        self.quarantine_pairs(aside, [error.bad[i] for i in bad], "unencodable")
+        drop = set(bad)
+        keep = [i for i in range(len(b)) if i not in drop]
+        pairs, ids = [b[i] for i in keep], [b.entry_ids[i] for i in keep]
+        b[:] = pairs
+        b.entry_ids = ids
+        return b if keep else None
 
     def _is_poison(self, todo: deque, batch: ProvenanceBatch, stop: StopSignal) -> bool:
         """todo[0], a single pair, keeps failing: if what follows it writes, it is poison."""
@@ -167,7 +255,7 @@ class Delivery:
         exc = self.try_write(poison)  # one last chance, now that the store is known good
         if exc is None:
             return True
-        self.quarantine_pairs(poison, f"store rejected: {type(exc).__name__}: {exc}")
+        self.quarantine_pairs(poison, f"store rejected: {type(exc).__name__}: {exc}", "poison")
         return True
 
     def _retry_after(self, attempt: int, stop: StopSignal) -> None:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..events import RateLimiter, emit
 from ..pairs import EntryIds, ProvenanceBatch, ProvenanceSink
@@ -39,6 +39,8 @@ from .worker import Worker
 __all__ = ["ProvenanceWriteQueue"]
 
 log = logging.getLogger("iai_queue.queue")
+
+CLOSING_WAIT_MARGIN_S = 5.0  # beyond stop()'s own deadline: its joins and final spills
 
 _live_queues: "weakref.WeakSet[ProvenanceWriteQueue]" = weakref.WeakSet()
 
@@ -98,10 +100,10 @@ class ProvenanceWriteQueue:
         ledger = self._ledger = Ledger(lock)
         ids = self._ids = EntryIds()
         spill = self._spill = SpillDirectory(cfg.spill_dir, store_path=getattr(self._store, "path", None))
-        adm = self._admission = Admission(lock, cfg, ledger, on_closed=self._closed_route)
+        adm = self._admission = Admission(lock, cfg, ledger, warn, on_closed=self._closed_route)
         self.enqueue = adm.enqueue  # the hot path, bound directly: no hop through the facade
-        backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
-        quarantine = Quarantine(lock, ledger, spill)
+        backoff = self._backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
+        quarantine = Quarantine(lock, ledger, spill, warn)
         delivery = self._delivery = Delivery(lock, ledger, self._write_to_store, backoff, warn, quarantine.pairs,
                                              borrow=self._borrow)
         replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn,
@@ -117,12 +119,10 @@ class ProvenanceWriteQueue:
         self._left_on_disk = False
 
     def _reinit_after_fork(self) -> None:
-        # The parent's pending entries stay the parent's: the child starts empty,
-        # and starts a worker of its own on first enqueue if the parent's ran.
-        was_running = self._admission.state in (Lifecycle.RUNNING, Lifecycle.CLOSING)
+        # The parent's pending entries stay the parent's: the child starts empty
+        # (NEW), and starts a worker of its own on first enqueue.
         self._spill.forget_after_fork()
         self._init_state()
-        self._admission.set_locked(autostart=was_running)
 
     def _write_to_store(self, batch: ProvenanceBatch) -> None:
         self._store.append_provenance_batch(batch, records_cache=None)  # looked up now: hosts wrap it
@@ -140,6 +140,11 @@ class ProvenanceWriteQueue:
         return self._ids.prefix
 
     @property
+    def left_on_disk(self) -> bool:
+        """After ``stop()``: True when entries it accepted wait in spill files (later writes go behind them)."""
+        return self._left_on_disk
+
+    @property
     def running(self) -> bool:
         return self._admission.state is Lifecycle.RUNNING
 
@@ -154,12 +159,12 @@ class ProvenanceWriteQueue:
             stop = self._stop = StopSignal()
             # Spill files of our store already waiting: new entries go behind them.
             behind = adm.route is not Route.MEMORY or bool(self._spill.replayable())
-            adm.set_locked(state=Lifecycle.RUNNING, autostart=False,
-                           route=Route.BEHIND_SPILL if behind else Route.MEMORY)
-            self._worker = threading.Thread(target=self._worker_loop.run, args=(stop,), name="iai_queue-worker",
-                                            daemon=True)
-            self._spill_thread = threading.Thread(target=self._spill_loop.run, args=(stop,), name="iai_queue-spill",
-                                                  daemon=True)
+            adm.set_locked(state=Lifecycle.RUNNING, route=Route.BEHIND_SPILL if behind else Route.MEMORY)
+            self._worker = threading.Thread(target=self._supervised, args=("worker", self._worker_loop.run, stop),
+                                            name="iai_queue-worker", daemon=True)
+            self._spill_thread = threading.Thread(target=self._supervised,
+                                                  args=("spill", self._spill_loop.run, stop),
+                                                  name="iai_queue-spill", daemon=True)
             self._worker.start()
             self._spill_thread.start()
         # Per start(), by contract: hosts capture the handler from atexit.register.
@@ -181,7 +186,8 @@ class ProvenanceWriteQueue:
             if adm.state in (Lifecycle.STOPPED, Lifecycle.CLOSING):
                 return ledger.all_done()
             started = adm.state is Lifecycle.RUNNING
-            adm.set_locked(state=Lifecycle.CLOSING)
+            # From now on enqueue takes the closed route: it waits for this drain, then writes behind it.
+            adm.set_locked(state=Lifecycle.CLOSING, route=Route.CLOSED)
             stop, deadline = self._stop, time.monotonic() + timeout
         stop.request(deadline)
         adm.worker_wake.set()
@@ -191,10 +197,8 @@ class ProvenanceWriteQueue:
         if started and worker is not None and worker is not threading.current_thread():
             worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
         with self._lock:
-            # From here a worker still stuck in the store does nothing more, and
-            # enqueues racing this stop() go behind what is spilled next.
+            # From here a worker still stuck in the store does nothing more.
             stop.abandoned = True
-            adm.set_locked(route=Route.BEHIND_SPILL)
             older: list[Chunk] = [seen_chunk(b, b.entry_ids) for b in self._delivery.take_over_locked()]
             older += adm.take_all_pending_locked()
         if older:
@@ -204,9 +208,9 @@ class ProvenanceWriteQueue:
             spill_thread.join(max(1.0, deadline - time.monotonic()))
         own_files = bool(self._spill.own_files())
         with self._lock:
-            # One step: a later enqueue sees the closed route and takes the caller's thread.
+            # One step: enqueues waiting on the closed route go on once the rest is ours.
             rest = adm.take_spill_buffer_locked()
-            adm.set_locked(state=Lifecycle.STOPPED, route=Route.CLOSED)
+            adm.set_locked(state=Lifecycle.STOPPED)
             self._left_on_disk = own_files or bool(older) or bool(rest)
             ledger.done_advanced.notify_all()
         if rest:  # the spill thread did not get to them (or never ran)
@@ -219,18 +223,26 @@ class ProvenanceWriteQueue:
         return done
 
     def _closed_route(self, chunk: Chunk) -> None:
-        """A chunk that arrived with the route closed: a forked child's first use, or after stop()."""
+        """A chunk that arrived with the route closed: a new queue's first use, or during or after stop()."""
         adm = self._admission
-        if adm.state is Lifecycle.NEW and adm.autostart:
+        with self._lock:
+            if adm.state is Lifecycle.CLOSING:
+                # Behind the drain, never beside it (order per record): wait for stop() to finish.
+                wait_s = max(0.0, self._stop.deadline - time.monotonic()) + CLOSING_WAIT_MARGIN_S
+                self._ledger.done_advanced.wait_for(lambda: adm.state is not Lifecycle.CLOSING, wait_s)
+            state = adm.state
+        if state is Lifecycle.NEW:
             self.start()
+        if state in (Lifecycle.NEW, Lifecycle.RUNNING):
             adm.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
             return
-        # After stop(): write now on the caller's thread, or spill behind what is on disk.
+        # After stop() (or a stop() that overran its bound): write now on the caller's
+        # thread, or spill behind what is on disk.
         pairs, eids, _ = chunk_parts(chunk, self._ids)
         seq = chunk_seq(chunk)
         with self._lock:
             self._ledger.accepted_elsewhere += len(pairs)
-        if not self._left_on_disk:
+        if not self._left_on_disk and state is Lifecycle.STOPPED:
             try:
                 self._write_to_store(ProvenanceBatch(pairs, eids))
                 with self._lock:
@@ -244,6 +256,21 @@ class ProvenanceWriteQueue:
         self._left_on_disk = True
         self._spiller.spill_or_drop([HeldChunk(seq, tuple(pairs), 0, eids, True)])
         self._spill.release()
+
+    def _supervised(self, name: str, run: Callable[[StopSignal], None], stop: StopSignal) -> None:
+        """Run one of the queue's threads; a crash is logged, counted, and the loop restarted."""
+        attempt = 0
+        while not stop.abandoned:
+            try:
+                run(stop)
+                return
+            except BaseException as exc:
+                with self._lock:
+                    self._ledger.count(thread_restarts=1)
+                log.error("thread.crashed thread=%s error=%r", name, exc, exc_info=True,
+                          extra={"event": "thread.crashed", "thread": name, "error": repr(exc)[:300]})
+                stop.requested.wait(self._backoff.delay(attempt))  # no busy loop on a crash that repeats
+                attempt += 1
 
     def _at_exit(self) -> None:
         try:

@@ -22,7 +22,8 @@ from typing import Iterable, Iterator
 __all__ = ["COUNTERS", "Ledger", "expand_runs", "seq_runs"]
 
 COUNTERS = ("written", "spilled_files", "spilled_pairs", "replayed", "quarantined_files", "quarantined_lines",
-            "retries", "store_errors", "spill_errors", "dropped", "last_batch_size")
+            "retries", "store_errors", "spill_errors", "dropped", "last_batch_size", "skipped_unknown",
+            "thread_restarts")
 
 
 def seq_runs(seqs: Iterable[int]) -> array:

@@ -52,8 +52,8 @@ class Replayer:
         lock = threading.Lock()
         ledger = Ledger(lock)
         directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None))
-        quarantine = Quarantine(lock, ledger, directory)
         warn = RateLimiter()
+        quarantine = Quarantine(lock, ledger, directory, warn)
         delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
                             Backoff(retry_initial_s, retry_max_s), warn, quarantine.pairs)
         return cls(lock, ledger, directory, delivery, quarantine, warn, batch_pairs=batch_pairs,
@@ -81,7 +81,15 @@ class Replayer:
             if files[0][1]:
                 return True  # the picture changed under us: look again
             self._replay_files(self._oldest_run(files), stop)
+            directory.remove_stale_writer_locks()
             return True
+
+    def _failed(self, name: str, exc: OSError) -> None:
+        """A filesystem error in replay: logged, counted, the file tried again later — never fatal."""
+        with self.lock:
+            self.ledger.count(spill_errors=1)
+        self.warn.emit(log, logging.WARNING, "replay.failed", key=name, file=name, error=str(exc))
+        self._skip_until[name] = time.monotonic() + self.retry_unreadable_s
 
     @staticmethod
     def _oldest_run(files: list[tuple[str, bool]]) -> list[str]:
@@ -115,12 +123,14 @@ class Replayer:
                 claimed, recovered = self.directory.claim(name)
             except FileNotFoundError:
                 continue  # taken by someone else since we listed it
+            except OSError as exc:  # a read-only or vanishing directory: try again later
+                self._failed(name, exc)
+                continue
             stem = claimed.name.removesuffix(".claimed")
             try:
                 parsed = parse_file(claimed, stem)
             except OSError as exc:
-                self.warn.emit(log, logging.WARNING, "replay.failed", key=stem, file=claimed.name, error=str(exc))
-                self._skip_until[claimed.name] = time.monotonic() + self.retry_unreadable_s
+                self._failed(claimed.name, exc)
                 continue
             group.append((name, claimed, stem, recovered, parsed))
             gathered += len(parsed.pairs)
@@ -138,10 +148,15 @@ class Replayer:
                 self.delivery.finish_locked()
                 self.ledger.count(replayed=len(pairs[start:end]))
         for name, claimed, stem, recovered, parsed in group:
+            kept = True
             if parsed.bad:
-                self.quarantine.lines(stem, parsed.bad, whole=claimed if not parsed.pairs else None)
-            if parsed.pairs or not parsed.bad:
-                self.directory.remove(claimed)
+                kept = self.quarantine.lines(stem, parsed.bad, whole=claimed if not parsed.pairs else None,
+                                             still_on_disk=True)
+            if kept and (parsed.pairs or not parsed.bad):
+                try:
+                    self.directory.remove(claimed)
+                except OSError as exc:  # written, but still there: replayed again later, verified
+                    self._failed(claimed.name, exc)
             emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.pairs), bad_lines=len(parsed.bad),
                  verified=recovered)
             with self.lock:

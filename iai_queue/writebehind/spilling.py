@@ -71,11 +71,14 @@ class Spiller:
 
         try:
             path = self.directory.write(lines, before_ts=before_ts, on_named=register) if lines else None
-        except OSError as exc:
+        except BaseException as exc:
             with self.lock:
                 for name in named:  # the file never appeared
                     self.ledger.own_file_seqs.pop(name, None)
-                self.ledger.count(spill_errors=1)
+                if isinstance(exc, OSError):
+                    self.ledger.count(spill_errors=1)
+            if not isinstance(exc, OSError):
+                raise  # a bug, not the disk: the spill thread's supervisor logs it and restarts
             self.warn.emit(log, logging.ERROR, "spill.failed", key=exc.errno, dir=str(self.directory.path),
                            error=str(exc))
             return False
@@ -99,7 +102,8 @@ class Spiller:
         n = sum(chunk_len(c) for c in chunks)
         with self.lock:
             self.ledger.count(dropped=n)
-        emit(log, logging.ERROR, "drop", count=n, reason="stopping: neither the store nor the spill directory took them")
+        self.warn.emit(log, logging.ERROR, "drop", key="stopping", count=n,
+                       reason="stopping: neither the store nor the spill directory took them")
 
 
 class SpillThread:
@@ -128,7 +132,12 @@ class SpillThread:
                     chunks, count = adm.take_for_spill_locked(cfg.spill_file_pairs)
                 if not chunks:
                     break
-                ok = self.spiller.spill(chunks, settle_locked=lambda: adm.spilled_locked(count))
+                try:
+                    ok = self.spiller.spill(chunks, settle_locked=lambda: adm.spilled_locked(count))
+                except BaseException:
+                    with self.lock:  # a crash: nothing was written, the chunks go back in order
+                        adm.spill_failed_locked(chunks, count)
+                    raise
                 with self.lock:
                     adm.spill_failing = not ok
                     if not ok:

@@ -27,3 +27,5 @@ class QueueStats:
     oldest_pending_age_s: float  # 0.0 when nothing is pending
     last_batch_size: int
     last_write_s: float
+    skipped_unknown: int = 0  # pairs for record ids the store does not have (not counted as written)
+    thread_restarts: int = 0  # worker or spill thread crashes, each logged and the thread restarted

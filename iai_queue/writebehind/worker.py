@@ -50,6 +50,13 @@ class Worker:
 
     def run(self, stop: StopSignal) -> None:
         try:
+            with self.lock:
+                unfinished = self.delivery.unfinished_locked()
+            if unfinished is not None:  # a crash left it: it goes before anything newer
+                self.delivery.deliver(unfinished, stop, resume=True)
+                with self.lock:
+                    self.delivery.finish_locked()
+                    self.ledger.mark_done(unfinished.done_seqs)
             while True:
                 batch = self._next_batch(stop)
                 if batch is None:
@@ -60,8 +67,6 @@ class Worker:
                     self.ledger.mark_done(batch.done_seqs)
         except (GiveUp, Abandoned):
             return
-        except BaseException:  # a bug: make it loud, stop() still spills what is left
-            log.exception("provenance worker crashed")
 
     def _next_batch(self, stop: StopSignal) -> Optional[Batch]:
         """The next batch from memory; does idle work while there is none. None: time to exit."""
