@@ -30,12 +30,14 @@ class _Fail(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import bench, server
 
     parser = argparse.ArgumentParser(prog="iai-queue", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench.add_arguments(sub.add_parser("bench", help="benchmark enqueue and recall latency",
                                        description=bench.__doc__.splitlines()[0]))
+    server.add_arguments(sub.add_parser("serve", help="run the reference MCP memory server (stdio by default)",
+                                        description=server.__doc__.splitlines()[0].replace("``", "")))
     spill = sub.add_parser("spill", help="inspect and repair the spill directory", description=_SPILL_DOC,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_spill_commands(spill)
@@ -86,6 +88,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import bench
 
         return bench.run(args)
+    if args.command == "serve":
+        from . import server
+
+        return server.run(args)
     if args.command == "spill":
         return _run_spill(args)
     parser.error(f"unknown command {args.command!r}")
