@@ -219,11 +219,20 @@ def _plural(n: int, word: str, many: Optional[str] = None) -> str:
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
+def _store_label(tag: Optional[str], locations: dict[str, str]) -> str:
+    if tag is None:
+        return "any store (file not named by this library)"
+    return f"{locations[tag]} ({tag})" if tag in locations else f"store {tag} (location not recorded)"
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .spill import status
+    from .spill_stores import store_locations
 
     st = status(_spill_dir(args))
+    locations = store_locations(st.path)
     d = st.as_dict()
+    d["stores"] = {tag: locations.get(tag) for tag in sorted({f.store for f in st.files if f.store})}
     if args.json:
         _out(json.dumps(d, indent=2))
     else:
@@ -236,10 +245,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
             _out(f"being written    {_plural(d['tmp_files'], 'file')}")
         if st.files:
             _out("")
-            _out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} FILE")
+            _out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} {'STORE':<8} FILE")
             for f in st.files:
                 writer = {True: "live", False: "gone", None: "-"}[f.writer_alive]
-                _out(f"{f.state:<12} {f.entries:>7} {_size(f.bytes):>10} {_age(f.age_s):>7}  {writer:<8} {f.name}")
+                _out(f"{f.state:<12} {f.entries:>7} {_size(f.bytes):>10} {_age(f.age_s):>7}  {writer:<8} "
+                     f"{f.store or '-':<8} {f.name}")
+        if d["stores"]:
+            _out("")
+            _out("STORE     LOCATION")
+            for tag, location in d["stores"].items():
+                _out(f"{tag}  {location or '(not recorded)'}")
         if d["quarantined_files"]:
             _out("")
             _out("quarantined files need an operator: iai-queue spill inspect FILE, repair it, "
@@ -297,6 +312,7 @@ def _store_dim(path: Path) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .provenance_queue import ProvenanceWriteQueue
     from .spill import SpillDirectory, status, store_tag
+    from .spill_stores import record_store_location, store_locations
     from .store import MemoryStore
 
     spill_dir = _spill_dir(args)
@@ -314,13 +330,21 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         raise _Fail(str(exc)) from None
 
     tag = store_tag(store_path)
+    record_store_location(spill_dir, store_path)  # only where the directory exists; never creates it
     files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed")]
     ours = [f for f in files if f.store in (tag, None)]
     live = [f for f in ours if f.writer_alive]
     others = [f for f in files if f.store not in (tag, None)]
     todo = [f for f in ours if not f.writer_alive]
     if others:
+        locations = store_locations(spill_dir)
         _err(f"{_plural(len(others), 'file')} belong to other stores: not touched")
+        by_store: dict[Optional[str], list] = {}
+        for f in others:
+            by_store.setdefault(f.store, []).append(f.name)
+        for other_tag, names in sorted(by_store.items(), key=lambda kv: kv[0] or ""):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            _err(f"  {_store_label(other_tag, locations)}: {shown}")
     if live:
         pids = sorted({f.writer[1:].split("x")[0] for f in live if f.writer})
         _err(f"{_plural(len(live), 'file')} ({sum(f.entries for f in live)} entries) belong to a live writer "

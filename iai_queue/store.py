@@ -473,6 +473,10 @@ class MemoryStore:
                 q.start()
                 self._provenance_queue = q
                 self._queue_options = options
+                # Name this store in a spill directory that already exists (never creates one).
+                from .spill_stores import record_store_location
+
+                record_store_location(q.spill_dir, self.path)
                 return q
             live, q = self._queue_options, self._provenance_queue
         differs = {k: v for k, v in options.items() if _option_value(k, live.get(k, _DEFAULT)) != _option_value(k, v)}
