@@ -189,3 +189,29 @@ def test_serve_usage_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         for k in env or {}:
             monkeypatch.delenv(k)
     assert not (tmp_path / "db").exists()  # nothing was created by a refused start
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how,code", [("sigint", 130), ("eof", 0)])
+def test_serve_exits_cleanly_on_sigint_and_on_stdin_eof(tmp_path, how, code):
+    import subprocess
+
+    env = {**os.environ, "HOME": str(tmp_path), "IAI_QUEUE_SPILL_DIR": str(tmp_path / "spill")}
+    proc = subprocess.Popen([sys.executable, "-m", "iai_queue", "serve", "--store", str(tmp_path / "db"),
+                             "--dim", "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        line = proc.stderr.readline()  # the server logs "serving ..." once it is up
+        assert "serving" in line, line + proc.stderr.read()
+        if how == "sigint":
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            err = proc.stderr.read()
+        else:
+            _, err = proc.communicate(input="", timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    if how == "sigint":
+        assert "shutdown.drained" in err
