@@ -215,3 +215,52 @@ def test_serve_exits_cleanly_on_sigint_and_on_stdin_eof(tmp_path, how, code):
     assert "Traceback" not in err
     if how == "sigint":
         assert "shutdown.drained" in err
+
+
+@pytest.mark.timeout(60)
+def test_streamable_http_transport_and_sigterm_drain(tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HOME": str(tmp_path), "IAI_QUEUE_SPILL_DIR": str(tmp_path / "spill"),
+           "IAI_QUEUE_COALESCE_MS": "60000"}
+    proc = subprocess.Popen([sys.executable, "-m", "iai_queue", "serve", "--store", str(tmp_path / "db"), "--dim",
+                             str(DIM), "--transport", "streamable-http", "--port", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    recalls = []
+
+    async def main():
+        for _ in range(150):  # uvicorn binds a moment after the "serving" line
+            try:
+                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                    rid = (await call(client, "memory_insert", {"text": "the fox eats rice"}))["id"]
+                    for i in range(3):
+                        recalls.append((f"fox {i}", "http", (await call(client, "memory_recall", {
+                            "cue": f"fox {i}", "session_id": "http", "k": 1}))["hits"]))
+                    assert (await call(client, "queue_status"))["stats"]["pending"] == 3
+                    return rid
+            except OSError:
+                await anyio.sleep(0.1)
+            except BaseExceptionGroup as group:  # a refused connection, raised from the client's task group
+                if not group.subgroup(OSError):
+                    raise
+                await anyio.sleep(0.1)
+        raise AssertionError("the HTTP server never answered")
+
+    try:
+        assert "serving" in proc.stderr.readline()
+        rid = anyio.run(main)
+        proc.send_signal(signal.SIGTERM)  # uvicorn stops, then hands the signal on: drain, then die by SIGTERM
+        proc.wait(30)
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "shutdown.drained" in err
+    store = MemoryStore(tmp_path / "db", dim=DIM)
+    assert provenance_keys(store, [rid]) == expected_keys(recalls)
+    assert store.provenance_rows() == 3
