@@ -60,27 +60,65 @@ def random_ids(n: int, seed: int = 0) -> list[UUID]:
 
 
 def seed_store(store, n: int, seed: int = 0, progress: bool = True, chunk: int = 2000) -> list[UUID]:
-    """Insert ``n`` records with random unit ``store.dim``-d embeddings; returns their ids."""
+    """Make the store hold ``n`` records with random unit ``store.dim``-d embeddings; returns their ids.
+
+    The ids and embeddings follow from ``seed``: records already in the store
+    (a second run on one ``--dir``) are kept, only the missing ones are inserted.
+    """
     import numpy as np
 
     from .store import MemoryRecord
 
     rng = np.random.default_rng(seed)
     ids = random_ids(n, seed)
-    t0 = time.perf_counter()
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        emb = rng.standard_normal((m, store.dim), dtype=np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        rows = emb.tolist()
-        store.insert_many([MemoryRecord(id=ids[start + i], text=f"record {start + i}", embedding=rows[i])
-                           for i in range(m)])
-        if progress:
-            print(f"\rseeding {start + m}/{n} records ({time.perf_counter() - t0:.1f}s)",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    present = store.existing_ids(ids) if store.count() else set()
+    with progress_bar(n, "seeding", "records", enabled=progress) as bar:
+        bar.update(len(present))
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            emb = rng.standard_normal((m, store.dim), dtype=np.float32)  # drawn for every chunk: same vectors
+            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            todo = [i for i in range(m) if ids[start + i] not in present]
+            if todo:
+                rows = emb.tolist()
+                store.insert_many([MemoryRecord(id=ids[start + i], text=f"record {start + i}", embedding=rows[i])
+                                   for i in todo])
+                bar.update(len(todo))
     return ids
+
+
+class progress_bar:
+    """A tqdm bar on stderr when it is a terminal; otherwise one plain line when the phase ends.
+
+    A log file or a CI console gets no carriage-return redraws: ``seeding: 10000 records in 12.3s``.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str, *, enabled: bool = True):
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.count = 0
+        self._bar = None
+
+    def __enter__(self) -> "progress_bar":
+        self._t0 = time.perf_counter()
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=self.desc, unit=f" {self.unit}", file=sys.stderr, leave=True,
+                             dynamic_ncols=True)
+        return self
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self._bar is not None and n:
+            self._bar.update(n)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and exc[0] is None:
+            print(f"{self.desc}: {self.count} {self.unit} in {time.perf_counter() - self._t0:.1f}s",
+                  file=sys.stderr, flush=True)
 
 
 def random_cues(n: int, dim: int, seed: int) -> list[list[float]]:
@@ -144,39 +182,115 @@ class StoreGate:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("--records", type=int, default=10_000, metavar="N", help="records to seed (default 10000)")
-    parser.add_argument("--recalls", type=int, default=600, metavar="N",
+    from .cli import nonempty_path, positive_int
+
+    parser.add_argument("--json", type=nonempty_path, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--plot", type=nonempty_path, metavar="FILE.png",
+                        help="also draw the latency CDFs of enqueue and recall per mode (needs the plot extra)")
+    parser.add_argument("--records", type=positive_int, default=10_000, metavar="N",
+                        help="records to seed (default 10000)")
+    parser.add_argument("--recalls", type=positive_int, default=600, metavar="N",
                         help="recalls per mode (default 600)")
-    parser.add_argument("--rounds", type=int, default=5, metavar="N",
+    parser.add_argument("--rounds", type=positive_int, default=5, metavar="N",
                         help="interleaved rounds the recalls are split into (default 5)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
-    parser.add_argument("--dir", metavar="PATH", help="work directory (default: a new temp dir, removed after)")
+    parser.add_argument("--dir", type=nonempty_path, metavar="PATH",
+                        help="work directory, kept and reused: a second run reuses its seeded store "
+                             "(default: a new temp dir, removed after)")
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("records", "recalls", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"iai-queue bench: --{name} must be >= 1")
+class UsageError(Exception):
+    """A bad argument found before the run: one line, exit 2."""
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} is a directory, not a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {str(path)!r}: directory {str(parent)!r} is not writable")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be known before seeding; raises UsageError."""
+    if args.json is not None:
+        _check_output_file(args.json, "--json")
+    if args.plot is not None:
+        _check_output_file(args.plot, "--plot")
+        from .plot import check_plot_path
+
+        try:
+            check_plot_path(args.plot)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(f"--plot: {exc}") from None
+    if args.dir is not None:
+        work: Path = args.dir
+        if work.exists() and not work.is_dir():
+            raise UsageError(f"--dir {str(work)!r} is a file, not a directory")
+        if (work / "records.lance").exists():
+            raise UsageError(f"--dir {str(work)!r} is a memory store; give a work directory "
+                             f"(the benchmark's store goes in DIR/db)")
+        found = _store_dim(work / "db")
+        if found is not None and found != DIM:
+            raise UsageError(f"--dir {str(work)!r} holds a store of {found}-d embeddings; the benchmark "
+                             f"uses {DIM}-d: choose another directory")
+
+
+def _store_dim(path: Path) -> int | None:
+    if not (path / "records.lance").exists():
+        return None
+    import lancedb
+
+    try:
+        table = lancedb.connect(path).open_table("records")
+    except (ValueError, FileNotFoundError):
+        return None
+    return getattr(table.schema.field("embedding").type, "list_size", None)
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
-    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="iai-queue-bench-"))
+    try:
+        check_args(args)
+    except UsageError as exc:
+        print(f"iai-queue bench: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    work = args.dir if args.dir else Path(tempfile.mkdtemp(prefix="iai-queue-bench-"))
     try:
         result = recall_benchmark(work, records=args.records, recalls=args.recalls, rounds=args.rounds,
-                                  seed=args.seed)
+                                  seed=args.seed, keep_samples=args.plot is not None)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
+    samples = result.pop("samples", None)
     print_recall_table(result)
+    print(verdict(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot is not None and samples is not None:
+        from .plot import plot_latency_cdfs
+
+        plot_latency_cdfs(samples, args.plot, title=f"{result['config']['records']} records, "
+                                                    f"{result['config']['recalls_per_mode']} recalls per mode")
+        print(f"plot: {args.plot}")
     return 0 if result["drain"]["ok"] else 1
 
 
+def verdict(result: dict) -> str:
+    """The closing line: each target met or missed, and whether every queued entry landed."""
+    ratio = result["ratios"]["queued"]["recall_p50_vs_noop"]
+    met = all(result["targets"].values())
+    d = result["drain"]
+    drained = (f"all {d['queued_entries']} queued entries in the store" if d["ok"]
+               else f"MISMATCH: {d['drained_entries']} of {d['queued_entries']} queued entries drained")
+    return (f"verdict: {'PASS' if met and d['ok'] else 'FAIL'} - queued recall p50 is {ratio}x noop "
+            f"(target <= 1.05x: {'met' if met else 'MISSED'}); {drained}")
+
+
 def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, rounds: int = 5, seed: int = 0,
-                     k: int = 10, progress: bool = True) -> dict:
+                     k: int = 10, progress: bool = True, keep_samples: bool = False) -> dict:
+    """Run the three modes; the figures as a dict (``keep_samples``: also the raw latencies, under "samples")."""
     from .core import dispatch
     from .store import MemoryStore
 
@@ -217,6 +331,7 @@ def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, r
     t_run = time.perf_counter()
     ci = 0
     per_round = [recalls // rounds + (1 if r < recalls % rounds else 0) for r in range(rounds)]
+    bar = progress_bar(recalls * len(MODES), "recalls", "recalls", enabled=progress).__enter__()
     for r, count in enumerate(per_round):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]  # rotate who goes first
         for mode in order:
@@ -233,6 +348,7 @@ def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, r
                     t0 = clock()
                     dispatch(store, "memory_recall", args)
                     recall_ns[mode].append(clock() - t0)
+                bar.update(count)
             finally:
                 if mode == "noop":
                     del store.append_provenance_batch
@@ -242,11 +358,7 @@ def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, r
                     st = q.stats()
                     accepted += st.accepted
                     written += st.written + st.replayed
-        if progress:
-            print(f"\rrecalls: round {r + 1}/{rounds} ({time.perf_counter() - t_run:.1f}s)",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    bar.__exit__(None, None, None)
     del store.queue_provenance_batch
 
     landed = store.provenance_rows() - rows_before
@@ -273,9 +385,9 @@ def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, r
     ratios = {m: {"recall_p50_vs_noop": round(modes[m]["recall_ms"]["p50"] / noop_p50, 3) if noop_p50 else None,
                   "enqueue_p50_vs_noop": round(modes[m]["enqueue_us"]["p50"] / noop_enq, 3) if noop_enq else None}
               for m in MODES}
-    return {
+    out = {
         "benchmark": "recall",
-        "config": {"records": records, "recalls_per_mode": recalls, "rounds": rounds, "k": k, "dim": DIM,
+        "config": {"records": records, "records_in_store": store.count(), "recalls_per_mode": recalls, "rounds": rounds, "k": k, "dim": DIM,
                    "seed": seed, "python": sys.version.split()[0], "cpus": os.cpu_count()},
         "seed_s": round(seed_s, 2),
         "run_s": round(time.perf_counter() - t_run, 2),
@@ -285,13 +397,19 @@ def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, r
         "targets": {"queued_recall_p50_le_1.05x_noop": bool(ratios["queued"]["recall_p50_vs_noop"] is not None
                                                             and ratios["queued"]["recall_p50_vs_noop"] <= 1.05)},
     }
+    if keep_samples:
+        out["samples"] = {m: {"enqueue_us": [x / 1e3 for x in enqueue_ns[m]],
+                              "recall_ms": [x / 1e6 for x in recall_ns[m]]} for m in MODES}
+    return out
 
 
 def print_recall_table(result: dict, file=None) -> None:
     out = file or sys.stdout
     cfg = result["config"]
+    extra = cfg.get("records_in_store", cfg["records"]) - cfg["records"]
     print(f"recall benchmark: {cfg['records']} records x {cfg['dim']}-d, {cfg['recalls_per_mode']} recalls "
-          f"per mode (k={cfg['k']}), {cfg['rounds']} interleaved rounds", file=out)
+          f"per mode (k={cfg['k']}), {cfg['rounds']} interleaved rounds"
+          + (f" (the store in --dir holds {extra} more records from earlier runs)" if extra > 0 else ""), file=out)
     rows = []
     for m in MODES:
         e, r = result["modes"][m]["enqueue_us"], result["modes"][m]["recall_ms"]

@@ -1,7 +1,7 @@
-"""The ``iai-queue`` command: ``bench`` (the main job) and ``spill`` (operator tools).
+"""The ``iai-queue`` command: ``bench`` (the main job), ``serve`` (an MCP memory server) and ``spill`` (operator tools).
 
 Exit codes: 0 ok, 1 something needs attention, 2 usage error. Errors are one
-line on stderr, never a traceback.
+line on stderr, never a traceback; usage errors are found before any long work.
 """
 
 from __future__ import annotations
@@ -9,12 +9,54 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "plain_text", "positive_int", "nonempty_path"]
+
+_REST_ROLE = re.compile(r":(?:[a-z]+:)?[a-z]+:`~?([^`]+)`")
+
+
+def plain_text(doc: str) -> str:
+    """reStructuredText markup (``literal``, :role:`target`) as plain text, for --help."""
+    return _REST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], doc).replace("``", "")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonempty_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an empty path would mean the current directory)")
+    return Path(text).expanduser()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("iai_queue")
+    except Exception:  # not installed (run from a checkout): the package's own number
+        from . import __version__
+
+        return __version__
 
 _SPILL_DOC = """Inspect and repair the provenance spill directory.
 
@@ -30,12 +72,15 @@ class _Fail(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import bench, server
 
-    parser = argparse.ArgumentParser(prog="iai-queue", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="iai-queue", description=plain_text(__doc__.split("\n\n")[0]))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench.add_arguments(sub.add_parser("bench", help="benchmark enqueue and recall latency",
-                                       description=bench.__doc__.splitlines()[0]))
+                                       description=plain_text(bench.__doc__.split("\n\n")[0])))
+    server.add_arguments(sub.add_parser("serve", help="run the reference MCP memory server (stdio by default)",
+                                        description=plain_text(server.__doc__.split("\n\n")[0])))
     spill = sub.add_parser("spill", help="inspect and repair the spill directory", description=_SPILL_DOC,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_spill_commands(spill)
@@ -43,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_spill_commands(spill: argparse.ArgumentParser) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", type=Path, metavar="DIR",
+    common = _Parser(add_help=False)
+    common.add_argument("--dir", type=nonempty_path, metavar="DIR",
                         help="the spill directory (default: $IAI_QUEUE_SPILL_DIR, else ~/.iai-mcp/.provenance-overflow)")
     sub = spill.add_subparsers(dest="spill_command", required=True, metavar="SUBCOMMAND")
 
@@ -57,15 +102,16 @@ def _add_spill_commands(spill: argparse.ArgumentParser) -> None:
     p = sub.add_parser("inspect", parents=[common], help="judge every line of a spill file",
                        description="Every non-blank line of FILE: ok, or why replay would quarantine it. "
                                    "Exit 1 when a line is bad.")
-    p.add_argument("file", type=Path, metavar="FILE", help="a spill or quarantined file (a bare name is looked up in --dir)")
+    p.add_argument("file", type=nonempty_path, metavar="FILE", help="a spill or quarantined file (a bare name is looked up in --dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("replay", parents=[common], help="drain the spill directory into a store now",
                        description="Write the pending files of STORE into it now, progress on stderr. Safe "
                                    "while other processes use the store: files of a live writer are left to "
                                    "it, and orphaned files are replayed by one process at a time.")
-    p.add_argument("--store", type=Path, required=True, metavar="PATH", help="the memory store (a LanceDB directory)")
-    p.add_argument("--dim", type=int, metavar="N", help="embedding size (default: read from the store)")
+    p.add_argument("--store", type=nonempty_path, required=True, metavar="PATH",
+                   help="the memory store (a LanceDB directory)")
+    p.add_argument("--dim", type=positive_int, metavar="N", help="embedding size (default: read from the store)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up after this long without progress (default 60)")
 
@@ -73,9 +119,9 @@ def _add_spill_commands(spill: argparse.ArgumentParser) -> None:
                        description="Validate a quarantined FILE (<stem>.failed-<ts>.jsonl) and move it back into "
                                    "the spill queue under a pending name; its .reason file is removed. "
                                    "Refuses (exit 1) while lines are still bad, unless --force.")
-    p.add_argument("file", type=Path, metavar="FILE", help="the quarantined file (a bare name is looked up in --dir)")
+    p.add_argument("file", type=nonempty_path, metavar="FILE", help="the quarantined file (a bare name is looked up in --dir)")
     p.add_argument("--force", action="store_true", help="requeue even with bad lines (they are quarantined again)")
-    p.add_argument("--store", type=Path, metavar="PATH",
+    p.add_argument("--store", type=nonempty_path, metavar="PATH",
                    help="the store the entries belong to, for a file whose name does not say")
 
 
@@ -86,6 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import bench
 
         return bench.run(args)
+    if args.command == "serve":
+        from . import server
+
+        return server.run(args)
     if args.command == "spill":
         return _run_spill(args)
     parser.error(f"unknown command {args.command!r}")
@@ -169,11 +219,20 @@ def _plural(n: int, word: str, many: Optional[str] = None) -> str:
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
+def _store_label(tag: Optional[str], locations: dict[str, str]) -> str:
+    if tag is None:
+        return "any store (file not named by this library)"
+    return f"{locations[tag]} ({tag})" if tag in locations else f"store {tag} (location not recorded)"
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .spill import status
+    from .spill.stores import store_locations
 
     st = status(_spill_dir(args))
+    locations = store_locations(st.path)
     d = st.as_dict()
+    d["stores"] = {tag: locations.get(tag) for tag in sorted({f.store for f in st.files if f.store})}
     if args.json:
         _out(json.dumps(d, indent=2))
     else:
@@ -186,10 +245,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
             _out(f"being written    {_plural(d['tmp_files'], 'file')}")
         if st.files:
             _out("")
-            _out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} FILE")
+            _out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} {'STORE':<8} FILE")
             for f in st.files:
                 writer = {True: "live", False: "gone", None: "-"}[f.writer_alive]
-                _out(f"{f.state:<12} {f.entries:>7} {_size(f.bytes):>10} {_age(f.age_s):>7}  {writer:<8} {f.name}")
+                _out(f"{f.state:<12} {f.entries:>7} {_size(f.bytes):>10} {_age(f.age_s):>7}  {writer:<8} "
+                     f"{f.store or '-':<8} {f.name}")
+        if d["stores"]:
+            _out("")
+            _out("STORE     LOCATION")
+            for tag, location in d["stores"].items():
+                _out(f"{tag}  {location or '(not recorded)'}")
         if d["quarantined_files"]:
             _out("")
             _out("quarantined files need an operator: iai-queue spill inspect FILE, repair it, "
@@ -246,6 +311,7 @@ def _store_dim(path: Path) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .spill import status, store_tag
+    from .spill.stores import record_store_location, store_locations
     from .store import MemoryStore
     from .writebehind import Replayer
     from .writebehind.lifecycle import GiveUp, StopSignal
@@ -265,13 +331,21 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         raise _Fail(str(exc)) from None
 
     tag = store_tag(store_path)
+    record_store_location(spill_dir, store_path)  # only where the directory exists; never creates it
     files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed")]
     ours = [f for f in files if f.store in (tag, None)]
     live = [f for f in ours if f.writer_alive]
     others = [f for f in files if f.store not in (tag, None)]
     todo = [f for f in ours if not f.writer_alive]
     if others:
+        locations = store_locations(spill_dir)
         _err(f"{_plural(len(others), 'file')} belong to other stores: not touched")
+        by_store: dict[Optional[str], list] = {}
+        for f in others:
+            by_store.setdefault(f.store, []).append(f.name)
+        for other_tag, names in sorted(by_store.items(), key=lambda kv: kv[0] or ""):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            _err(f"  {_store_label(other_tag, locations)}: {shown}")
     if live:
         pids = sorted({f.writer[1:].split("x")[0] for f in live if f.writer})
         _err(f"{_plural(len(live), 'file')} ({sum(f.entries for f in live)} entries) belong to a live writer "

@@ -1,6 +1,7 @@
 """The recall pipeline: vector search, then provenance for every hit, off the hot path.
 
 ``dispatch(store, "memory_recall", {"cue", "session_id", "cue_embedding", "k"})``
+(``cue_embedding``: a list, tuple or 1-d numpy array of ``store.dim`` floats)
 searches the store, builds one ``{"ts", "cue", "session_id"}`` entry per hit
 (``ts`` ISO-8601 UTC), hands them to ``store.queue_provenance_batch`` in hit
 order and returns the hits. ``adispatch`` is the same for async hosts: the
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
+
+import numpy as np
 
 __all__ = ["dispatch", "adispatch", "OPS"]
 
@@ -29,7 +32,11 @@ def _parse_recall(store: Any, args: Any) -> tuple[str, str, list, int]:
         raise ValueError(f"memory_recall: args must be a mapping, got {type(args).__name__}")
     cue = _require(args, "cue", str)
     session_id = _require(args, "session_id", str)
-    emb = _require(args, "cue_embedding", (list, tuple))
+    emb = _require(args, "cue_embedding", (list, tuple, np.ndarray))
+    if isinstance(emb, np.ndarray):
+        if emb.ndim != 1:
+            raise ValueError(f"memory_recall: field 'cue_embedding' must be 1-d, got an array of shape {emb.shape}")
+        emb = emb.tolist()  # what embedding models return; the store takes plain floats
     k = args.get("k", 10)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"memory_recall: field 'k' must be an int >= 1, got {k!r}")

@@ -34,6 +34,7 @@ LanceDB does not survive ``fork()``: a child process must open its own store.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import secrets
 import threading
@@ -54,10 +55,13 @@ from lancedb.index import BTree
 from .jsoncodec import UnencodableEntries, decode, encode_entries
 from .pairs import ProvenanceBatch
 
-__all__ = ["MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
+__all__ = ["DuplicateIdError", "MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
+
+log = logging.getLogger("iai_queue.store")
 
 RECORDS = "records"
 PROVENANCE = "provenance"
+_DEFAULT = object()  # "not given" in option comparisons
 _IN_LIST_CHUNK = 1000  # ids per "IN (...)" filter: keeps the SQL text small
 _KNOWN_IDS_MAX = 1_000_000  # cap on the cache of ids known to exist
 # LanceDB's defaults (1 GiB metadata, 6 GiB index cache) never evict for us: the
@@ -72,6 +76,11 @@ def default_store_path() -> Path:
     return Path(env) if env else Path.home() / ".iai-mcp" / "lancedb"
 
 
+def _option_value(name: str, value: Any) -> Any:
+    """A queue option in the form two requests are compared in (a path given as str or Path)."""
+    return Path(value) if name == "spill_dir" and isinstance(value, (str, os.PathLike)) else value
+
+
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -83,6 +92,15 @@ class MemoryRecord:
     embedding: list[float]
     provenance: list[dict] = field(default_factory=list)
     created_at: datetime = field(default_factory=_utcnow)
+
+
+class DuplicateIdError(ValueError):
+    """``insert``/``insert_many`` got an id the store already holds, or the same id twice."""
+
+    def __init__(self, ids: Sequence[UUID]):
+        self.ids = list(ids)
+        shown = ", ".join(str(i) for i in self.ids[:5]) + (f" and {len(self.ids) - 5} more" if len(self.ids) > 5 else "")
+        super().__init__(f"record id already in the store (or given twice): {shown}; nothing was inserted")
 
 
 def _sql_str_list(values: Iterable[str]) -> str:
@@ -123,7 +141,9 @@ class MemoryStore:
         self._provenance_queue = None  # the live ProvenanceWriteQueue, or None (seed contract: kept)
         self._retired_queue = None  # a stopped queue still draining or with entries on disk: writes go behind it
         self._sync_queue = None  # a queue that never runs: the synchronous path
+        self._queue_options: dict[str, Any] = {}  # what the live queue was built with
         self._toggle_lock = threading.Lock()
+        self._insert_lock = threading.Lock()  # the duplicate-id check and the add, as one step
 
     # -- schema -----------------------------------------------------------------
 
@@ -154,10 +174,19 @@ class MemoryStore:
     # -- records -----------------------------------------------------------------
 
     def insert(self, record: MemoryRecord) -> None:
+        """Insert one record; :class:`DuplicateIdError` when its id is already in the store."""
         self.insert_many([record])
 
     def insert_many(self, records: Sequence[MemoryRecord]) -> None:
-        """Insert records in one LanceDB commit; their ``provenance`` lists are appended too."""
+        """Insert records in one LanceDB commit; their ``provenance`` lists are appended too.
+
+        Ids are unique: an id already in the store, or given twice, raises
+        :class:`DuplicateIdError` (a ``ValueError``) and nothing is inserted —
+        never a second row, never a silent overwrite. The check covers this
+        process's inserts; two processes inserting one id at the same moment
+        can both pass it. :meth:`existing_ids` lets a caller insert only what is
+        missing.
+        """
         records = list(records)
         if not records:
             return
@@ -168,6 +197,31 @@ class MemoryStore:
                 raise TypeError(f"MemoryRecord.id must be a UUID, got {r.id!r}")
             if len(r.embedding) != self.dim:
                 raise ValueError(f"record {r.id}: embedding has length {len(r.embedding)}, store dim is {self.dim}")
+        with self._insert_lock:
+            self._check_new_ids(records)
+            self._add_records(records)
+        pairs = [(r.id, e) for r in records for e in r.provenance]
+        if pairs:
+            self.append_provenance_batch(pairs)
+
+    def _check_new_ids(self, records: Sequence[MemoryRecord]) -> None:
+        ids = [r.id for r in records]
+        seen: set[UUID] = set()
+        twice = [i for i in ids if i in seen or seen.add(i)]
+        present = self.existing_ids(ids)
+        if twice or present:
+            raise DuplicateIdError(list(dict.fromkeys([*twice, *(i for i in ids if i in present)])))
+
+    def existing_ids(self, ids: Iterable[UUID | str]) -> set[UUID]:
+        """Those of ``ids`` that name a record in the store."""
+        wanted = {str(UUID(str(i))) for i in ids}
+        known = wanted & self._known_ids
+        unknown = wanted - known
+        found = self._select_in(self._records, "id", unknown) if unknown else set()
+        self._remember_ids(found)
+        return {UUID(i) for i in known | found}
+
+    def _add_records(self, records: Sequence[MemoryRecord]) -> None:
         table = pa.table({
             "id": [str(r.id) for r in records],
             "text": [r.text for r in records],
@@ -177,9 +231,6 @@ class MemoryStore:
         }, schema=self._records_schema())
         self._records.add(table)
         self._remember_ids(str(r.id) for r in records)
-        pairs = [(r.id, e) for r in records for e in r.provenance]
-        if pairs:
-            self.append_provenance_batch(pairs)
 
     def get(self, id: UUID | str) -> Optional[MemoryRecord]:
         """The record with its provenance in append order, or None.
@@ -367,23 +418,41 @@ class MemoryStore:
 
     @property
     def provenance_queue(self):
-        """The live :class:`~iai_queue.ProvenanceWriteQueue`, or None when writes are synchronous."""
+        """The live :class:`~iai_queue.ProvenanceWriteQueue`, or None while writes are synchronous."""
         return self._provenance_queue
 
-    def enable_provenance_queue(self, coalesce_ms: float = 50, **queue_options: Any):
-        """Start routing :meth:`queue_provenance_batch` through a write-behind queue.
+    def enable_provenance_queue(self, coalesce_ms: Optional[float] = None, **queue_options: Any):
+        """Start routing :meth:`queue_provenance_batch` through a write-behind queue; returns it.
 
-        Idempotent: when a queue is already live it is returned unchanged.
+        Options not given here come from the ``IAI_QUEUE_*`` environment
+        variables (see :mod:`iai_queue.envconfig`), then the queue's defaults.
+
+        Idempotent: when a queue is already live it is returned unchanged. If
+        the options asked for differ from the live queue's, they are *not*
+        applied (that would mean draining and restarting it under the callers'
+        feet): a WARNING ``enable.options_ignored`` names each difference.
+        Disable, then enable, to change them.
         """
+        from .envconfig import resolve_queue_options
+        from .events import emit
         from .writebehind import ProvenanceWriteQueue
 
+        options = resolve_queue_options({"coalesce_ms": coalesce_ms, **queue_options})
         with self._toggle_lock:
             if self._provenance_queue is None:
-                q = ProvenanceWriteQueue(self, coalesce_ms=coalesce_ms, **queue_options)
+                q = ProvenanceWriteQueue(self, **options)
                 q.start()
                 self._provenance_queue = q
                 self._retired_queue = None
-            return self._provenance_queue
+                self._queue_options = options
+                return q
+            live, q = self._queue_options, self._provenance_queue
+        differs = {k: v for k, v in options.items() if _option_value(k, live.get(k, _DEFAULT)) != _option_value(k, v)}
+        if differs:
+            emit(log, logging.WARNING, "enable.options_ignored",
+                 options=", ".join(f"{k}={v!r} (live: {live.get(k, 'default')!r})" for k, v in differs.items()),
+                 hint="the queue is already live; disable_provenance_queue() first to change its options")
+        return q
 
     def disable_provenance_queue(self, timeout: Optional[float] = None) -> None:
         """Drain and stop the queue; later writes run synchronously, behind what it held. Idempotent.

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .codec import BadLine
 from .locks import lock_fd, try_flock, unlock
+from .stores import record_store_location
 from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, parse_name, stem_of,
                     store_tag, writer_lock_name)
 
@@ -105,6 +106,7 @@ class SpillDirectory:
     def __init__(self, path: os.PathLike[str] | str, *, store_path=None):
         self.path = Path(path)
         self.store = store_tag(store_path)
+        self._store_path = store_path
         self.writer = f"w{os.getpid()}x{secrets.token_hex(4)}"
         self._counter = 0
         self._last_ts = 0
@@ -118,6 +120,7 @@ class SpillDirectory:
         """Called under the write lock before every write: the directory, our writer lock, our clock."""
         if not self._dir_ready or not self.path.is_dir():
             ensure_private_dir(self.path)
+            record_store_location(self.path, self._store_path)  # tag -> location, for operators
             # Order must not depend on clocks agreeing: name our files after every file already here.
             newest = max((p.ts for n in self.names() if (p := parse_name(stem_of(n.lstrip(".").removesuffix(".tmp"))))),
                          default=0)
@@ -129,6 +132,10 @@ class SpillDirectory:
         if self._writer_fd is None:
             # Held while this queue lives: our files are ours to replay, in order.
             self._writer_fd = try_flock(self.path / writer_lock_name(self.writer))
+
+    def record_store(self) -> None:
+        """Name our store in the directory's tag -> location map, if the directory exists (never creates it)."""
+        record_store_location(self.path, self._store_path)
 
     def quarantine_stem(self, kind: str) -> str:
         """A stem for pairs this queue sets aside: named like our spill files, plus ``-<kind>``."""

@@ -159,6 +159,7 @@ class ProvenanceWriteQueue:
             stop = self._stop = StopSignal()
             # Spill files of our store already waiting: new entries go behind them.
             behind = adm.route is not Route.MEMORY or bool(self._spill.replayable())
+            self._spill.record_store()
             adm.set_locked(state=Lifecycle.RUNNING, route=Route.BEHIND_SPILL if behind else Route.MEMORY)
             self._worker = threading.Thread(target=self._supervised, args=("worker", self._worker_loop.run, stop),
                                             name="iai_queue-worker", daemon=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 __all__ = ["QueueStats"]
 
@@ -29,3 +29,7 @@ class QueueStats:
     last_write_s: float
     skipped_unknown: int = 0  # pairs for record ids the store does not have (not counted as written)
     thread_restarts: int = 0  # worker or spill thread crashes, each logged and the thread restarted
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (for JSON, metrics, logs)."""
+        return asdict(self)

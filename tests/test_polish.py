@@ -1,0 +1,135 @@
+"""What a new user tripped on: env options, duplicate ids, the live-queue handle, numpy cues, packaging."""
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import iai_queue
+from iai_queue import DuplicateIdError, MemoryRecord, MemoryStore, dispatch
+from iai_queue.envconfig import QUEUE_ENV_OPTIONS, EnvConfigError, queue_options_from_env, resolve_queue_options
+
+from conftest import DIM, make_records
+
+
+# -- IAI_QUEUE_* environment -----------------------------------------------------------
+
+
+def test_env_options_parse_and_explicit_arguments_win(monkeypatch, store, tmp_path):
+    monkeypatch.setenv("IAI_QUEUE_COALESCE_MS", "7.5")
+    monkeypatch.setenv("IAI_QUEUE_MAX_QUEUE_SIZE", "12")
+    monkeypatch.setenv("IAI_QUEUE_SPILL_DIR", str(tmp_path / "envspill"))
+    monkeypatch.setenv("IAI_QUEUE_EXIT_TIMEOUT", " ")  # blank: not configured
+    assert queue_options_from_env() == {"coalesce_ms": 7.5, "max_queue_size": 12, "spill_dir": tmp_path / "envspill"}
+    assert resolve_queue_options({"coalesce_ms": 3, "max_batch_pairs": None})["coalesce_ms"] == 3
+
+    q = store.enable_provenance_queue(max_queue_size=99)
+    try:
+        assert q.coalesce_s == pytest.approx(0.0075) and q.max_queue_size == 99
+        assert q.spill_dir == tmp_path / "envspill"
+    finally:
+        store.disable_provenance_queue()
+
+
+def test_every_queue_option_has_a_variable_that_the_queue_accepts(monkeypatch, store, tmp_path):
+    import inspect
+
+    from iai_queue import ProvenanceWriteQueue
+
+    params = set(inspect.signature(ProvenanceWriteQueue.__init__).parameters) - {"self", "store"}
+    assert set(QUEUE_ENV_OPTIONS) == params
+    values = {"coalesce_ms": "5", "spill_dir": str(tmp_path / "s"), "exit_timeout": "1", "retry_initial_s": "0.01",
+              "retry_max_s": "0.5", "idle_replay_s": "2"}
+    for option in QUEUE_ENV_OPTIONS:
+        monkeypatch.setenv(f"IAI_QUEUE_{option.upper()}", values.get(option, "64"))
+    q = ProvenanceWriteQueue(store, **queue_options_from_env())
+    assert (q.max_batch_pairs, q.max_memory_pairs, q.spill_file_pairs, q.retry_max_s) == (64, 64, 64, 0.5)
+
+
+@pytest.mark.parametrize("name,value", [("IAI_QUEUE_COALESCE_MS", "fast"), ("IAI_QUEUE_COALESCE_MS", "-1"),
+                                        ("IAI_QUEUE_EXIT_TIMEOUT", "nan"), ("IAI_QUEUE_MAX_QUEUE_SIZE", "0"),
+                                        ("IAI_QUEUE_MAX_BATCH_PAIRS", "2.5")])
+def test_a_bad_env_value_is_named(monkeypatch, store, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(EnvConfigError, match=f"{name}='{value}'"):
+        store.enable_provenance_queue()
+    assert store.provenance_queue is None
+
+
+# -- the live queue ------------------------------------------------------------------------
+
+
+def test_provenance_queue_property_and_enable_with_other_options_warns(store, records, tmp_path, caplog):
+    assert store.provenance_queue is None
+    q = store.enable_provenance_queue(coalesce_ms=5, spill_dir=tmp_path / "spill")
+    try:
+        assert store.provenance_queue is q is store._provenance_queue
+        with caplog.at_level(logging.WARNING, logger="iai_queue"):
+            assert store.enable_provenance_queue(coalesce_ms=5, spill_dir=str(tmp_path / "spill")) is q
+            assert not caplog.records  # the same options: silent
+            again = store.enable_provenance_queue(coalesce_ms=999, max_queue_size=1)
+        assert again is q and q.coalesce_s == 0.005 and q.max_queue_size == 4096  # not applied
+        (rec,) = [r for r in caplog.records if getattr(r, "event", None) == "enable.options_ignored"]
+        assert "coalesce_ms=999 (live: 5)" in rec.options and "max_queue_size=1 (live: 'default')" in rec.options
+    finally:
+        store.disable_provenance_queue()
+    q2 = store.enable_provenance_queue(coalesce_ms=999, spill_dir=tmp_path / "spill")  # disable, enable: applied
+    assert q2 is not q and q2.coalesce_s == 0.999
+    store.disable_provenance_queue()
+
+
+def test_dispatch_takes_a_numpy_cue(store, records):
+    cue = np.asarray(records[3].embedding, dtype=np.float32)
+    hits = dispatch(store, "memory_recall", {"cue": "np", "session_id": "s", "cue_embedding": cue, "k": 1})
+    assert hits[0]["id"] == records[3].id
+    assert [e["cue"] for e in store.get(records[3].id).provenance] == ["np"]
+    with pytest.raises(ValueError, match=r"1-d, got an array of shape \(1, 8\)"):
+        dispatch(store, "memory_recall", {"cue": "np", "session_id": "s", "cue_embedding": cue[None, :]})
+
+
+def test_adispatch_takes_a_numpy_cue(store, records):
+    import anyio
+
+    from iai_queue import adispatch
+
+    cue = np.asarray(records[2].embedding)
+    hits = anyio.run(adispatch, store, "memory_recall", {"cue": "np", "session_id": "s", "cue_embedding": cue, "k": 1})
+    assert hits[0]["id"] == records[2].id
+
+
+# -- duplicate ids -----------------------------------------------------------------------------
+
+
+def test_a_duplicate_id_is_refused_and_nothing_is_inserted(store, records):
+    fresh = make_records(3, seed=99)
+    with pytest.raises(DuplicateIdError, match=str(records[0].id)) as info:
+        store.insert_many([*fresh, MemoryRecord(id=records[0].id, text="again", embedding=[0.0] * DIM)])
+    assert info.value.ids == [records[0].id]
+    with pytest.raises(DuplicateIdError):
+        store.insert_many([fresh[0], fresh[0]])  # twice in one call
+    assert store.count() == len(records)  # nothing from either call
+    assert store.existing_ids([r.id for r in fresh] + [records[1].id]) == {records[1].id}
+    store.insert_many(fresh)
+    assert store.count() == len(records) + 3
+    with pytest.raises(DuplicateIdError):
+        MemoryStore(store.path, dim=DIM).insert(fresh[1])  # another handle on the store sees it too
+
+
+# -- packaging and logging ---------------------------------------------------------------------
+
+
+def test_package_ships_py_typed_and_exports_the_operator_functions():
+    assert (Path(iai_queue.__file__).parent / "py.typed").is_file()
+    for name in ("spill_status", "inspect_file", "requeue", "install_graceful_shutdown", "DuplicateIdError"):
+        assert name in iai_queue.__all__ and callable(getattr(iai_queue, name))
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("iai_queue").handlers)
+
+
+def test_no_bare_warnings_on_stderr_when_the_host_configured_no_logging(tmp_path):
+    code = ("import logging, iai_queue\n"
+            "logging.getLogger('iai_queue.queue').warning('write.failed should not reach stderr')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
