@@ -49,6 +49,18 @@ def test_every_queue_option_has_a_variable_that_the_queue_accepts(monkeypatch, s
     assert (q.max_batch_pairs, q.max_memory_pairs, q.spill_file_pairs, q.retry_max_s) == (64, 64, 64, 0.5)
 
 
+def test_a_queue_built_directly_reads_the_environment_too(monkeypatch, store):
+    from iai_queue import ProvenanceWriteQueue
+
+    monkeypatch.setenv("IAI_QUEUE_MAX_BATCH_PAIRS", "7")
+    monkeypatch.setenv("IAI_QUEUE_COALESCE_MS", "3")
+    q = ProvenanceWriteQueue(store, coalesce_ms=20)
+    assert q.max_batch_pairs == 7 and q.coalesce_s == pytest.approx(0.020)  # the explicit argument wins
+    monkeypatch.setenv("IAI_QUEUE_RETRY_MAX_S", "soon")
+    with pytest.raises(EnvConfigError, match="IAI_QUEUE_RETRY_MAX_S='soon'"):
+        ProvenanceWriteQueue(store)
+
+
 @pytest.mark.parametrize("name,value", [("IAI_QUEUE_COALESCE_MS", "fast"), ("IAI_QUEUE_COALESCE_MS", "-1"),
                                         ("IAI_QUEUE_EXIT_TIMEOUT", "nan"), ("IAI_QUEUE_MAX_QUEUE_SIZE", "0"),
                                         ("IAI_QUEUE_MAX_BATCH_PAIRS", "2.5")])
