@@ -145,3 +145,57 @@ def test_no_bare_warnings_on_stderr_when_the_host_configured_no_logging(tmp_path
             "logging.getLogger('iai_queue.queue').warning('write.failed should not reach stderr')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == ""
+
+
+# -- no fcntl (Windows) ------------------------------------------------------------------------
+
+_NO_FCNTL_CHILD = r'''
+import sys, threading, uuid, logging
+sys.modules["fcntl"] = None  # as on Windows: "import fcntl" raises ImportError
+import iai_queue
+from iai_queue import MemoryRecord, MemoryStore, ProvenanceWriteQueue, dispatch
+logging.basicConfig(level=logging.WARNING)
+
+db, spill = sys.argv[1], sys.argv[2]
+store = MemoryStore(db, dim=4)
+recs = [MemoryRecord(id=uuid.uuid4(), text=f"r{i}", embedding=[float(i), 1.0, 0.0, 0.5]) for i in range(3)]
+store.insert_many(recs)
+store.enable_provenance_queue(spill_dir=spill, coalesce_ms=1)
+hits = dispatch(store, "memory_recall", {"cue": "c", "session_id": "s", "cue_embedding": [1.0, 1.0, 0.0, 0.5], "k": 3})
+assert store.provenance_queue.flush(5)
+store.disable_provenance_queue()
+assert all(store.get(h["id"]).provenance for h in hits)
+
+# Overflow: spilling cannot lock, so it fails like a full disk: counted, kept in memory, nothing dropped.
+gate = threading.Event()
+real = store.append_provenance_batch
+def blocked(pairs, records_cache=None):
+    gate.wait(10)
+    return real(pairs, records_cache=records_cache)
+store.append_provenance_batch = blocked
+q = ProvenanceWriteQueue(store, spill_dir=spill, max_queue_size=1, max_batch_pairs=1, max_memory_pairs=50,
+                         retry_initial_s=0.01, retry_max_s=0.05).start()
+for n in range(6):
+    q.enqueue([(recs[0].id, {"n": n})])
+import time
+deadline = time.monotonic() + 5
+while q.stats().spill_errors == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert q.stats().spill_errors >= 1, q.stats()
+gate.set()
+assert q.flush(10), q.stats()
+q.stop()
+s = q.stats()
+assert s.dropped == 0 and s.written == 6, s
+assert [e["n"] for e in store.get(recs[0].id).provenance if "n" in e] == list(range(6))
+print("ok")
+'''
+
+
+@pytest.mark.timeout(60)
+def test_import_and_memory_mode_work_without_fcntl(tmp_path):
+    """Where fcntl does not exist the package imports, memory mode works, and spilling fails loudly, losing nothing."""
+    out = subprocess.run([sys.executable, "-c", _NO_FCNTL_CHILD, str(tmp_path / "db"), str(tmp_path / "spill")],
+                         capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert "POSIX file locks" in out.stderr  # the spill failure says why

@@ -125,12 +125,13 @@ def read_lines(f) -> Iterator[tuple[int, bytes]]:
 def open_regular(path: Path):
     """``path`` opened for reading, binary, only if it is a regular file: never follows a symlink,
     never blocks on a FIFO. Raises OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(f"{path.name} is not a regular file (mode {stat.filemode(mode)}): not read")
-        os.set_blocking(fd, True)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .codec import BadLine
-from .locks import lock_fd, try_flock, unlock
+from .locks import lock_fd, locks_available, try_flock, unlock
 from .stores import record_store_location
 from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, parse_name, stem_of,
                     store_tag, writer_lock_name)
@@ -70,7 +70,7 @@ def ensure_private_dir(path: Path) -> bool:
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"spill directory {str(path)!r} is not a directory")
-    if st.st_uid != os.getuid():
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
         raise PermissionError(f"spill directory {str(path)!r} is owned by uid {st.st_uid}, not by this "
                               f"process's uid {os.getuid()}: refused (its files could be planted)")
     if st.st_mode & 0o077:
@@ -82,6 +82,8 @@ def ensure_private_dir(path: Path) -> bool:
 
 
 def fsync_dir(path: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):
+        return  # no directory fsync there (Windows)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -235,7 +237,10 @@ class SpillDirectory:
 
         Ours, and orphans of our store (or of no known store) whose writer
         holds no lock. The caller must hold the replay lock for orphans.
+        Nothing where file locks are unavailable (alive cannot be told from dead).
         """
+        if not locks_available():
+            return []
         alive: dict[str, bool] = {}
         out = []
         for n in self.regular_names():
@@ -273,7 +278,7 @@ class SpillDirectory:
     @contextmanager
     def replay_lock(self) -> Iterator[bool]:
         """Hold the directory's replay lock for the block; yields False while another process holds it."""
-        fd = try_flock(self.path / REPLAY_LOCK) if self.path.is_dir() else None
+        fd = try_flock(self.path / REPLAY_LOCK) if self.path.is_dir() and locks_available() else None
         try:
             yield fd is not None
         finally:
