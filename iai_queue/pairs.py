@@ -18,7 +18,8 @@ import secrets
 from typing import Any, Iterable, Optional, Protocol, Sequence
 from uuid import UUID
 
-__all__ = ["EntryIds", "Pair", "ProvenanceBatch", "ProvenanceSink", "validate_pairs"]
+__all__ = ["EntryIds", "Pair", "ProvenanceBatch", "ProvenanceSink", "as_uuid_pairs", "known_id_strings",
+           "validate_pairs"]
 
 Pair = tuple[UUID, dict]
 
@@ -80,22 +81,60 @@ def _bad_pair(i: int, p: Any) -> Optional[Exception]:
     return None
 
 
-def validate_pairs(pairs: Any) -> tuple:
-    """The pairs as a tuple of ``(UUID, dict)``; raises TypeError/ValueError naming the bad element."""
-    if not isinstance(pairs, list):
-        raise TypeError(f"pairs must be a list of (UUID, dict) tuples, got {type(pairs).__name__}: {pairs!r:.200}")
-    out = tuple(pairs)  # a copy: the caller may reuse its list
-    for p in out:
-        # The common case costs three type checks; anything else takes the slow path.
-        if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
+_ID_CACHE_MAX = 1 << 16
+_uuid_of_str: dict[str, UUID] = {}  # lowercase canonical id strings already checked, and their UUIDs (bounded)
+known_id_strings = _uuid_of_str  # the hot path asks "seen before?" with one lookup
+
+
+def _uuid_from_str(rid: str) -> Optional[UUID]:
+    """The UUID of a canonical UUID string (any case), or None. Cached: hosts recall the same records often."""
+    u = _uuid_of_str.get(rid)
+    if u is None and len(rid) == 36 and _UUID_STR.match(rid):
+        u = UUID(rid)
+        if str(u) == rid:  # only the lowercase form may stay a string on its way to the store
+            if len(_uuid_of_str) >= _ID_CACHE_MAX:
+                _uuid_of_str.clear()  # a cache, not a registry
+            _uuid_of_str[rid] = u
+    return u
+
+
+def as_uuid_pairs(pairs: Sequence) -> Sequence:
+    """``pairs`` with every id a UUID. ``enqueue`` accepts a lowercase canonical id string it has
+    seen before as it is (the hot path only looks it up); the worker converts it here."""
+    for p in pairs:
+        if type(p[0]) is not UUID:
             break
     else:
-        return out
-    normal = []
-    for i, p in enumerate(out):
+        return pairs
+    get = _uuid_of_str.get
+    return [(r if type(r) is UUID else (get(r) or UUID(r)), e) for r, e in pairs]
+
+
+def validate_pairs(pairs: Any) -> tuple:
+    """The pairs as a tuple of ``(UUID, dict)``; raises TypeError/ValueError naming the bad element.
+
+    Record ids may be UUIDs or canonical UUID strings (converted; a bounded
+    cache keeps repeated string ids at about the cost of UUID ones).
+    """
+    if type(pairs) is not list and not isinstance(pairs, list):
+        raise TypeError(f"pairs must be a list of (UUID, dict) tuples, got {type(pairs).__name__}: {pairs!r:.200}")
+    out = []
+    uuid_of = _uuid_of_str.get
+    for p in pairs:
+        if type(p) is tuple and len(p) == 2 and type(p[1]) is dict:
+            rid = p[0]
+            if type(rid) is UUID:
+                out.append(p)
+                continue
+            if type(rid) is str:
+                u = uuid_of(rid) or _uuid_from_str(rid)
+                if u is not None:
+                    out.append((u, p[1]))
+                    continue
+        i = len(out)
         exc = _bad_pair(i, p)
         if exc is not None:
             raise exc
-        rid, entry = p
-        normal.append((rid if isinstance(rid, UUID) else UUID(rid), entry))
-    return tuple(normal)
+        rid, entry = p  # a subclass of tuple, UUID, str or dict: fine
+        out.append((rid if isinstance(rid, UUID) else UUID(rid), entry))
+    return tuple(out)

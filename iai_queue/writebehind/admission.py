@@ -36,16 +36,17 @@ from typing import Any, Callable, Optional
 from uuid import UUID
 
 from ..events import RateLimiter
-from ..pairs import EntryIds, validate_pairs
+from ..pairs import EntryIds, known_id_strings, validate_pairs
 from .chunks import Chunk, HeldChunk, chunk_len, chunk_seq, split_chunk
 from .config import QueueConfig
 from .ledger import Ledger
-from .lifecycle import NEVER, Lifecycle
+from .lifecycle import Lifecycle
 
 __all__ = ["Admission", "Route"]
 
 log = logging.getLogger("iai_queue.queue")
 
+NO_WAKE = 1 << 62  # an int, not inf: the hot path compares it with len() and int-to-int is cheaper
 BACKPRESSURE_MAX_S = 10.0  # enqueue waits at most this long for a working but slow disk, then goes over the bound
 
 
@@ -67,7 +68,7 @@ class Admission:
         self.lock = lock
         self.warn = warn
         self.ledger = ledger
-        self.next_seq = ledger.next_seq
+        self._seq = ledger.seq
         self.max_queue_size = cfg.max_queue_size
         self.max_memory_pairs = cfg.max_memory_pairs
         self.on_closed = on_closed
@@ -78,7 +79,8 @@ class Admission:
         self.spill_buffer_pairs = 0
         self.spill_in_flight = 0  # pairs the spill thread is writing right now
         self.spill_failing = False  # the last spill write failed; cleared by the next success
-        self.wake_threshold: float = NEVER  # enqueue wakes the worker when len(pending) reaches this
+        self.wake_threshold = NO_WAKE  # enqueue wakes the worker when len(pending) reaches this
+        self._check_at = cfg.max_queue_size + 1  # min(wake_threshold, bound + 1): the hot path's one comparison
         self.worker_wake = threading.Event()  # the worker waits on it for work, a flush, or stop
         self.spill_wake = threading.Event()  # the spill thread waits on it for the spill buffer
         self.spill_room = threading.Condition(lock)  # enqueue waits on it for the spill thread
@@ -103,33 +105,52 @@ class Admission:
         # validate_pairs, inlined for the common case: this is the recall hot path.
         if type(pairs) is list:
             items = tuple(pairs)
-            for p in items:
-                if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
-                    items = validate_pairs(pairs)
-                    break
+            plain = True
+            try:
+                for p in items:
+                    if type(p) is not tuple:
+                        plain = False
+                        break
+                    rid, entry = p
+                    if type(rid) is not UUID or type(entry) is not dict:
+                        if type(rid) is str and rid in known_id_strings and type(entry) is dict:
+                            continue  # an id string checked before: kept as it is, the worker converts it
+                        plain = False  # a new id string, or a bad element for validate_pairs to name
+                        break
+            except ValueError:  # not two elements
+                plain = False
+            if not plain:
+                items = validate_pairs(pairs)
         else:
             items = validate_pairs(pairs)
-        if not items:
-            return
-        if self._fast:
+        if self._fast and items:
             pending = self.pending
-            if len(pending) < self.max_queue_size:
-                chunk = (self.next_seq(), items)
-                pending.append(chunk)
-                if len(pending) >= self.wake_threshold:
-                    self.worker_wake.set()
-                if self._fast:
-                    return
-                # An overflow or stop() began while we appended. Take the chunk
-                # back if it is still there; if not, the worker or stop() has it.
-                with self.lock:
-                    try:
-                        pending.remove(chunk)
-                    except ValueError:
-                        return
-                self._enqueue_locked(chunk)
+            chunk = (next(self._seq), items)
+            pending.append(chunk)
+            if len(pending) >= self._check_at:
+                self._crossed(chunk)
+            elif not self._fast:
+                self._take_back(chunk)
+        elif items:
+            self._enqueue_locked((next(self._seq), items))
+
+    def _crossed(self, chunk: Chunk) -> None:
+        """The append made ``len(pending)`` reach ``_check_at``: wake the worker, or memory is over its bound."""
+        n = len(self.pending)
+        if n >= self.wake_threshold:
+            self.worker_wake.set()
+        if n > self.max_queue_size or not self._fast:
+            self._take_back(chunk)
+
+    def _take_back(self, chunk: Chunk) -> None:
+        # Memory was full, or an overflow or stop() began while we appended. Take the
+        # chunk back if it is still there; if not, the worker or stop() has it.
+        with self.lock:
+            try:
+                self.pending.remove(chunk)
+            except ValueError:
                 return
-        self._enqueue_locked((self.next_seq(), items))
+        self._enqueue_locked(chunk)
 
     def _enqueue_locked(self, chunk: Chunk) -> None:
         with self.lock:
@@ -183,11 +204,13 @@ class Admission:
         between is not missed). Returns False on timeout.
         """
         self.wake_threshold = threshold
+        self._check_at = min(threshold, self.max_queue_size + 1)
         self.worker_wake.clear()
         try:
             return self.worker_wake.wait(timeout) if still_waiting() else True
         finally:
-            self.wake_threshold = NEVER
+            self.wake_threshold = NO_WAKE
+            self._check_at = self.max_queue_size + 1
 
     def full_batch_waiting(self, max_pairs: int) -> bool:
         pending = list(self.pending)  # a copy: enqueue appends meanwhile

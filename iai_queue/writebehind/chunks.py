@@ -4,7 +4,8 @@ Two kinds, and every consumer asks :func:`chunk_parts` for the pairs and their
 entry ids instead of unpacking:
 
 - ``(seq, items)``, the plain 2-tuple ``enqueue`` builds (a tuple, not a class:
-  the hot path builds one per call). Entry ids are derived from ``seq`` when needed.
+  the hot path builds one per call). Entry ids are derived from ``seq`` when needed;
+  an id may still be a (checked, lowercase) string: :func:`chunk_parts` converts it.
 - :class:`HeldChunk`: a remainder after a partial take (``start`` > 0), or pairs
   that carry their entry ids already and may have been written (``seen``: pairs
   taken back from a stopped worker, late pairs after ``stop()``).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from ..pairs import EntryIds, Pair
+from ..pairs import EntryIds, Pair, as_uuid_pairs
 
 __all__ = ["Chunk", "HeldChunk", "chunk_len", "chunk_parts", "chunk_seq", "split_chunk"]
 
@@ -50,7 +51,7 @@ def chunk_parts(c: Chunk, ids: EntryIds, end: Optional[int] = None) -> tuple[Seq
     else:
         seq, items, start, eids, seen = c.seq, c.items, c.start, c.entry_ids, c.seen
     end = len(items) if end is None else end
-    pairs = items[start:end]
+    pairs = as_uuid_pairs(items[start:end])
     return pairs, (list(eids[start:end]) if eids is not None else ids.of_call(seq, start, end)), seen
 
 

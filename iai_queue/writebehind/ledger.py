@@ -46,7 +46,8 @@ class Ledger:
 
     def __init__(self, lock: threading.Lock):
         self.lock = lock
-        self.next_seq = itertools.count(1).__next__  # one number per enqueue call and per flush; atomic
+        self.seq = itertools.count(1)  # one number per enqueue call and per flush; next() is atomic
+        self.next_seq = self.seq.__next__
         self.done_advanced = threading.Condition(lock)  # flush() and stop() wait on it
         self.written_seq = 0  # every seq up to this one is done: written, quarantined or dropped
         self._done_above: list[int] = []  # a heap of done seqs above written_seq
