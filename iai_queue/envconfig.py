@@ -56,6 +56,7 @@ QUEUE_ENV_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "idle_replay_s": (_number, "a finite number >= 0"),
     "replay_batch_pairs": (_count, "an integer >= 1"),
     "spill_file_pairs": (_count, "an integer >= 1"),
+    "backlog_batch_pairs": (_count, "an integer >= 1"),
 }
 
 

@@ -47,3 +47,26 @@ def test_bad_ids_are_named_even_after_good_string_ids(store, records, bad, match
         assert store.get(records[0].id).provenance == [{"n": 0}]  # nothing of the bad call
     finally:
         q.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_backlog_is_drained_in_larger_writes_and_an_explicit_cap_holds(store, records, gate):
+    sizes = []
+
+    def recording(pairs, records_cache=None):
+        sizes.append(len(pairs))
+        return gate(pairs, records_cache=records_cache)
+
+    store.append_provenance_batch = recording
+    with ProvenanceWriteQueue(store, coalesce_ms=1, max_queue_size=5000) as q:
+        assert q.max_batch_pairs == 256 and q.backlog_batch_pairs == q.replay_batch_pairs == 8192
+        q.enqueue([(records[0].id, {"n": -1})])
+        assert gate.entered.wait(5)  # the worker is stuck on the first write: a backlog builds up
+        for n in range(3000):
+            q.enqueue([(records[n % len(records)].id, {"n": n})])
+        gate.open()
+        assert q.flush(10)
+    assert sizes[0] == 1 and max(sizes[1:]) > 256 and sum(sizes) == 3001
+    assert store.provenance_rows() == 3001
+    assert ProvenanceWriteQueue(store, max_batch_pairs=8).backlog_batch_pairs == 8  # set explicitly: a hard cap
+    assert ProvenanceWriteQueue(store, max_batch_pairs=8, backlog_batch_pairs=64).backlog_batch_pairs == 64

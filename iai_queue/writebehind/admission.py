@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 from uuid import UUID
 
 from ..events import RateLimiter
-from ..pairs import EntryIds, known_id_strings, validate_pairs
+from ..pairs import EntryIds, as_uuid_pairs, known_id_strings, validate_pairs
 from .chunks import Chunk, HeldChunk, chunk_len, chunk_seq, split_chunk
 from .config import QueueConfig
 from .ledger import Ledger
@@ -229,8 +229,19 @@ class Admission:
         eids: list = []
         done: list = []
         pending = self.pending
+        prefix = ids.prefix
         while pending and room:
-            part, part_ids, rest = split_chunk(pending[0], room, ids)
+            c = pending[0]
+            if type(c) is tuple and len(c[1]) <= room:  # the common case: a whole call, as enqueue left it
+                seq, items = c
+                pending.popleft()
+                n = len(items)
+                pairs += items
+                eids += [f"{prefix}{seq:x}.0"] if n == 1 else ids.of_call(seq, 0, n)
+                done.append(seq)
+                room -= n
+                continue
+            part, part_ids, rest = split_chunk(c, room, ids)
             pairs += part
             eids += part_ids
             room -= len(part)
@@ -238,6 +249,7 @@ class Admission:
                 done.append(chunk_seq(pending.popleft()))
             else:
                 pending[0] = rest
+        pairs = as_uuid_pairs(pairs)  # ids enqueued as strings become UUIDs here, off the hot path
         self.ledger.taken += len(pairs)
         return pairs, eids, done
 

@@ -2,7 +2,9 @@
 
 Bounds: ``max_queue_size`` counts batches (enqueue calls) held for the store,
 as ``queue.Queue(maxsize)`` does; ``max_memory_pairs`` counts pairs held on
-their way to the spill directory (default ``4 * max_queue_size``). Times given
+their way to the spill directory (default ``4 * max_queue_size``).
+``max_batch_pairs`` is what one write takes when traffic is light;
+``backlog_batch_pairs`` what it takes when more than one batch waits. Times given
 in milliseconds keep their ``_ms`` name; everything is held in seconds.
 """
 
@@ -43,14 +45,23 @@ class QueueConfig:
     replay_batch_pairs: int
     spill_file_pairs: int
     spill_dir: Path
+    backlog_batch_pairs: int  # what the worker takes per write when more than one batch waits
 
     @classmethod
-    def from_options(cls, *, coalesce_ms: float = 50, max_queue_size: int = 4096, max_batch_pairs: int = 256,
+    def from_options(cls, *, coalesce_ms: float = 50, max_queue_size: int = 4096,
+                     max_batch_pairs: Optional[int] = None, backlog_batch_pairs: Optional[int] = None,
                      spill_dir: str | os.PathLike[str] | None = None, max_memory_pairs: Optional[int] = None,
                      exit_timeout: float = 2.0, retry_initial_s: float = 0.05, retry_max_s: float = 5.0,
                      idle_replay_s: float = 5.0, replay_batch_pairs: int = 8192,
                      spill_file_pairs: int = 8192) -> "QueueConfig":
-        """Raises ValueError naming the first bad option and its value."""
+        """Raises ValueError naming the first bad option and its value.
+
+        ``backlog_batch_pairs`` (what one write may take when more than one
+        batch waits) defaults to ``replay_batch_pairs`` — unless the caller set
+        ``max_batch_pairs``, which then stays a hard cap on every write.
+        """
+        capped = max_batch_pairs is not None
+        max_batch_pairs = 256 if max_batch_pairs is None else max_batch_pairs
         for name, value in (("coalesce_ms", coalesce_ms), ("exit_timeout", exit_timeout),
                             ("retry_initial_s", retry_initial_s), ("retry_max_s", retry_max_s),
                             ("idle_replay_s", idle_replay_s)):
@@ -58,6 +69,8 @@ class QueueConfig:
         for name, value in (("max_queue_size", max_queue_size), ("max_batch_pairs", max_batch_pairs),
                             ("replay_batch_pairs", replay_batch_pairs), ("spill_file_pairs", spill_file_pairs)):
             _count(name, value)
+        if backlog_batch_pairs is not None:
+            _count("backlog_batch_pairs", backlog_batch_pairs)
         max_memory_pairs = _count("max_memory_pairs", 4 * max_queue_size if max_memory_pairs is None
                                   else max_memory_pairs)
         return cls(
@@ -66,4 +79,6 @@ class QueueConfig:
             retry_max_s=max(retry_max_s, retry_initial_s), idle_replay_s=idle_replay_s,
             replay_batch_pairs=max(replay_batch_pairs, max_batch_pairs), spill_file_pairs=spill_file_pairs,
             # Resolved now, not at first spill: the environment may change later.
-            spill_dir=Path(spill_dir) if spill_dir is not None else default_spill_dir())
+            spill_dir=Path(spill_dir) if spill_dir is not None else default_spill_dir(),
+            backlog_batch_pairs=max(max_batch_pairs, backlog_batch_pairs if backlog_batch_pairs is not None
+                                    else max_batch_pairs if capped else replay_batch_pairs))

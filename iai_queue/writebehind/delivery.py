@@ -38,28 +38,36 @@ IN_FLIGHT_WAIT_S = 1.0  # a verified write waits this long for an earlier write 
 
 
 class WritesInFlight:
-    """Entry ids being written right now by any queue of this process.
+    """Batches being written right now by any queue of this process.
 
     A verified write (a retry, a replay, a batch taken over from a stopped
-    worker) first waits until no earlier write of the same ids is still in
-    the store's hands — else both could find the ids absent and both append.
+    worker) first waits until no earlier write of the same entry ids is still
+    in the store's hands — else both could find the ids absent and both append.
+    A first write only registers its batch (no per-entry work on the common
+    path); the overlap is computed when a verified write asks.
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._ids: set[str] = set()
+        self._batches: dict[int, Sequence[str]] = {}  # id(batch's entry ids) -> entry ids
 
     def begin(self, entry_ids: Sequence[str], verify: bool) -> bool:
         """Register ``entry_ids``; False when a verified write still overlaps an earlier one after the wait."""
         with self._changed:
-            if verify and not self._changed.wait_for(lambda: self._ids.isdisjoint(entry_ids), IN_FLIGHT_WAIT_S):
-                return False
-            self._ids.update(entry_ids)
+            if verify:
+                mine = set(entry_ids)
+
+                def clear() -> bool:
+                    return all(mine.isdisjoint(ids) for ids in self._batches.values())
+
+                if not self._changed.wait_for(clear, IN_FLIGHT_WAIT_S):
+                    return False
+            self._batches[id(entry_ids)] = entry_ids
             return True
 
     def end(self, entry_ids: Sequence[str]) -> None:
         with self._changed:
-            self._ids.difference_update(entry_ids)
+            self._batches.pop(id(entry_ids), None)
             self._changed.notify_all()
 
 

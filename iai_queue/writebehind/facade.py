@@ -78,13 +78,15 @@ class ProvenanceWriteQueue:
     replay_batch_pairs = _option("replay_batch_pairs")
     spill_file_pairs = _option("spill_file_pairs")
     spill_dir = _option("spill_dir")
+    backlog_batch_pairs = _option("backlog_batch_pairs")
 
     def __init__(self, store: ProvenanceSink, *, coalesce_ms: Optional[float] = None,
                  max_queue_size: Optional[int] = None, max_batch_pairs: Optional[int] = None,
                  spill_dir: str | os.PathLike[str] | None = None, max_memory_pairs: Optional[int] = None,
                  exit_timeout: Optional[float] = None, retry_initial_s: Optional[float] = None,
                  retry_max_s: Optional[float] = None, idle_replay_s: Optional[float] = None,
-                 replay_batch_pairs: Optional[int] = None, spill_file_pairs: Optional[int] = None):
+                 replay_batch_pairs: Optional[int] = None, spill_file_pairs: Optional[int] = None,
+                 backlog_batch_pairs: Optional[int] = None):
         """Options not given come from ``IAI_QUEUE_<OPTION>`` (see :mod:`iai_queue.envconfig`), else the
         defaults of :class:`~iai_queue.writebehind.config.QueueConfig` (``coalesce_ms=50``,
         ``max_queue_size=4096``, ``max_batch_pairs=256``, ``exit_timeout=2.0``, …).
@@ -93,7 +95,8 @@ class ProvenanceWriteQueue:
             coalesce_ms=coalesce_ms, max_queue_size=max_queue_size, max_batch_pairs=max_batch_pairs,
             spill_dir=spill_dir, max_memory_pairs=max_memory_pairs, exit_timeout=exit_timeout,
             retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, idle_replay_s=idle_replay_s,
-            replay_batch_pairs=replay_batch_pairs, spill_file_pairs=spill_file_pairs)))
+            replay_batch_pairs=replay_batch_pairs, spill_file_pairs=spill_file_pairs,
+            backlog_batch_pairs=backlog_batch_pairs)))
         self._store = store
         self._init_state()
         _live_queues.add(self)

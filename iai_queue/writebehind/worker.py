@@ -5,8 +5,9 @@ when memory is empty the worker first replays spill files (oldest first), and
 refills memory from the spill buffer only when no file waits.
 
 The worker coalesces for up to ``coalesce_ms`` or ``max_batch_pairs`` pairs
-(a flush or stop cuts the wait short), and calls ``store.maintain()`` when it
-has been idle for a while after writing.
+(a flush or stop cuts the wait short); under a backlog (more than one full
+batch waiting) it takes up to ``backlog_batch_pairs`` per write instead. It calls
+``store.maintain()`` when it has been idle for a while after writing.
 """
 
 from __future__ import annotations
@@ -97,9 +98,15 @@ class Worker:
             return self.take()
 
     def take(self, into: Optional[deque] = None) -> Batch:
-        """Up to max_batch_pairs from memory, published as in flight (into ``into``) in the same step."""
+        """Up to max_batch_pairs from memory (up to replay_batch_pairs under a backlog), published as
+        in flight (into ``into``) in the same step."""
+        room = self.cfg.max_batch_pairs
+        if self.admission.full_batch_waiting(2 * room):
+            # More than one batch waits: a LanceDB commit costs about the same for 256 rows or
+            # 8000, so take more per commit (as Kafka's producer fills batch.size under load).
+            room = self.cfg.backlog_batch_pairs
         with self.lock:
-            pairs, eids, done = self.admission.take_locked(self.cfg.max_batch_pairs, self.ids)
+            pairs, eids, done = self.admission.take_locked(room, self.ids)
             batch = Batch(pairs, eids, done_seqs=done)
             self.delivery.publish_locked(batch, into)
             return batch
