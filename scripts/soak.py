@@ -93,6 +93,7 @@ class Soak:
         self.lock = threading.Lock()
         self.accepted: dict[tuple[str, int], list[int]] = defaultdict(list)  # (record, thread) -> [n]
         self.refused: set[tuple[int, int]] = set()  # (thread, n) of calls that raised
+        self.refused_by: dict[str, int] = defaultdict(int)  # exception type -> calls
         self.calls = 0
         self.queues: list[ProvenanceWriteQueue] = []
         self.live: ProvenanceWriteQueue | None = None
@@ -106,6 +107,7 @@ class Soak:
         n = 0
         mine: dict[tuple[str, int], list[int]] = defaultdict(list)
         refused: set[tuple[int, int]] = set()
+        kinds: dict[str, int] = defaultdict(int)
         calls = 0
         try:
             while not self.halt.is_set():
@@ -116,8 +118,9 @@ class Soak:
                     n += 1
                 try:
                     self.store.queue_provenance_batch(pairs)
-                except (ConnectionError, TimeoutError):
+                except Exception as exc:  # a synchronous write failed, and the caller was told
                     refused.update((t, e["n"]) for _, e in pairs)
+                    kinds[type(exc).__name__] += 1
                 else:
                     for rid, e in pairs:
                         mine[(str(rid), t)].append(e["n"])
@@ -129,6 +132,8 @@ class Soak:
                 self.accepted[key].extend(ns)
             self.refused |= refused
             self.calls += calls
+            for k, v in kinds.items():
+                self.refused_by[k] += v
 
     def _enable(self) -> None:
         q = self.store.enable_provenance_queue(**self.opts)
@@ -200,7 +205,8 @@ class Soak:
         report.update(seconds=round(ran, 1), calls=self.calls, queues=len(self.queues), toggles=self.toggles,
                       restarts=self.restarts, flushes=self.flushes, store_calls=flaky.calls,
                       store_refused=flaky.refused, store_ambiguous=flaky.ambiguous, dropped_by_queues=dropped,
-                      quarantined_by_queues=quarantined, drained=drained, errors=self.errors[:10])
+                      quarantined_by_queues=quarantined, refused_by=dict(self.refused_by), drained=drained,
+                      errors=self.errors[:10])
         return report
 
     def _drain(self) -> bool:

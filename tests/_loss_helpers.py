@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -103,8 +104,6 @@ class Flaky:
     """Fails about ``rate`` of the calls; half of those fail after the real write (an ambiguous failure)."""
 
     def __init__(self, store, rate: float = 0.10, seed: int = 0):
-        import random
-
         self.real = store.append_provenance_batch
         self.rate = rate
         self.rnd = random.Random(seed)
@@ -171,7 +170,7 @@ class Verdict:
         return not (self.lost or self.doubled or self.duplicate_rows or self.out_of_order or self.unexpected)
 
 
-def judge(store, record_ids: Iterable, ledger: Ledger, foreign_ok: Optional[callable] = None) -> Verdict:
+def judge(store, record_ids: Iterable, ledger: Ledger) -> Verdict:
     """Compare the store with the ledger: every row counted, each record read through get()."""
     lost = doubled = out_of_order = unexpected = landed = distinct = 0
     examples: list = []
@@ -190,10 +189,9 @@ def judge(store, record_ids: Iterable, ledger: Ledger, foreign_ok: Optional[call
                 examples.append(f"{rid}: {key} shown {c} times")
         tags = by_record.get(rid, {})
         for key in counts:
-            if key[0] not in tags and (foreign_ok is None or not foreign_ok(key)):
-                if key not in ledger.uncertain:
-                    unexpected += 1
-                    examples.append(f"{rid}: {key} never accepted")
+            if key[0] not in tags and key not in ledger.uncertain:
+                unexpected += 1
+                examples.append(f"{rid}: {key} never accepted")
         for tag, want in tags.items():
             got = [n for t, n in shown if t == tag and (t, n) not in ledger.uncertain]
             got_once = list(dict.fromkeys(got))

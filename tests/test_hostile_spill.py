@@ -426,7 +426,7 @@ def test_item19_requeued_file_replays_only_into_its_store(store, records, spill_
         store.append_provenance_batch = real
     (quarantined,) = failed_files(spill_dir)
     tag = store_tag(store.path)
-    assert tag in quarantined.name, f"{quarantined.name} does not name its store ({tag})"
+    quarantined_name = quarantined.name
 
     args = ["spill", "requeue", quarantined.name, "--dir", str(spill_dir)] + (["--force"] if kind != "poison" else [])
     assert cli.main(args) == 0, capsys.readouterr().err
@@ -447,6 +447,7 @@ def test_item19_requeued_file_replays_only_into_its_store(store, records, spill_
         stop_quietly(q_own, 2)
     if kind == "poison":
         assert [e["n"] for e in store.get(rid).provenance] == [0, 2, 1]
+    assert tag in quarantined_name, f"{quarantined_name} does not name its store ({tag})"
 
 
 # -- item 20: drops on a full disk are rate-limited ------------------------------------------------------------
