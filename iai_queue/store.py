@@ -143,6 +143,7 @@ class MemoryStore:
         self._sync_queue = None  # a queue that never runs: the synchronous path
         self._queue_options: dict[str, Any] = {}  # what the live queue was built with
         self._toggle_lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # disabled-mode writes, one at a time; enable waits for them
         self._insert_lock = threading.Lock()  # the duplicate-id check and the add, as one step
 
     # -- schema -----------------------------------------------------------------
@@ -438,12 +439,14 @@ class MemoryStore:
         from .writebehind import ProvenanceWriteQueue
 
         options = resolve_queue_options({"coalesce_ms": coalesce_ms, **queue_options})
-        with self._toggle_lock:
+        with self._sync_lock, self._toggle_lock:
             if self._provenance_queue is None:
                 q = ProvenanceWriteQueue(self, **options)
-                q.start()
+                q.start()  # after every disabled-mode write in progress: its spill files are seen
+                retired, self._retired_queue = self._retired_queue, None
+                if retired is not None:
+                    retired.forward_to(q.enqueue)  # a caller still holding the old queue lands behind in this one
                 self._provenance_queue = q
-                self._retired_queue = None
                 self._queue_options = options
                 return q
             live, q = self._queue_options, self._provenance_queue
@@ -475,17 +478,21 @@ class MemoryStore:
 
     def queue_provenance_batch(self, pairs: Sequence[tuple[UUID | str, dict]]) -> None:
         """Hand pairs to the live queue, or append them now on this thread (behind a retired queue's entries)."""
-        q = self._provenance_queue or self._retired_queue or self._sync_queue
+        q = self._provenance_queue
         if q is None:
-            with self._toggle_lock:
-                q = self._provenance_queue or self._retired_queue or self._sync_queue
+            with self._sync_lock:  # disabled mode: enabling waits for a write in progress here
+                q = self._provenance_queue
                 if q is None:
-                    from .writebehind import ProvenanceWriteQueue
+                    q = self._retired_queue or self._sync_queue
+                    if q is None:
+                        from .writebehind import ProvenanceWriteQueue
 
-                    # A queue that never runs: its closed route is the synchronous write,
-                    # with the same checks, codec and quarantine as every other path.
-                    q = self._sync_queue = ProvenanceWriteQueue(self)
-                    q.stop()
+                        # A queue that never runs: its closed route is the synchronous write,
+                        # with the same checks, codec and quarantine as every other path.
+                        q = self._sync_queue = ProvenanceWriteQueue(self)
+                        q.stop()
+                    q.enqueue(pairs)
+                    return
         q.enqueue(pairs)
 
     async def adisable_provenance_queue(self) -> None:

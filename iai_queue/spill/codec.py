@@ -20,6 +20,7 @@ Line numbers are 1-based and count every line, blank ones included, everywhere
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -70,9 +71,15 @@ def encode_line(record_id: UUID, entry: dict, entry_id: str, seen: bool) -> byte
 
 
 def unencodable_line(record_id: UUID, entry: dict, entry_id: str) -> bytes:
-    """A readable stand-in for a pair JSON cannot hold, for its quarantine file (one line)."""
+    """A pair the codec cannot hold, for its quarantine file (one line): JSON where the
+    standard library can still write it (nesting the codec refuses), else a readable stand-in."""
+    obj = {"id": str(record_id), "entry": entry, "eid": entry_id}
     try:
-        text = repr({"id": str(record_id), "entry": entry, "eid": entry_id})
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\n"
+    except (TypeError, ValueError, RecursionError):
+        pass
+    try:
+        text = repr(obj)
     except RecursionError:
         text = repr({"id": str(record_id), "entry": "<nested too deep to show>", "eid": entry_id})
     return text.replace("\n", "\\n").encode("utf-8", "backslashreplace") + b"\n"
@@ -91,7 +98,10 @@ def _parse(raw: bytes, identity: Optional[str], stem: str, lineno: int) -> tuple
     try:
         obj = decode(raw)
     except ValueError as exc:
-        return f"not JSON: {exc}"
+        try:  # an older writer's NaN/Infinity (not standard JSON): read, and stored as null by the codec
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            return f"not JSON: {exc}"
     if not isinstance(obj, dict):
         return f"not an object: {type(obj).__name__}"
     rid, entry = obj.get("id"), obj.get("entry")

@@ -374,7 +374,12 @@ class SpillDirectory:
         while (self.path / f"{stem}.failed-{ts}.jsonl").exists():
             ts += 1
         target = self.path / f"{stem}.failed-{ts}.jsonl"
-        reasons = "".join(f"line {b.lineno}: {b.reason}\n" if b.lineno else f"file: {b.reason}\n" for b in bad)
+        # Numbered as in the quarantine file (as ``iai-queue spill inspect`` numbers it), with the
+        # line's number in the file it came from.
+        reasons = "".join(
+            f"line {i}: {b.reason}" + (f" (line {b.lineno} of {stem})" if b.lineno else "") + "\n"
+            if whole is None else (f"line {b.lineno}: {b.reason}\n" if b.lineno else f"file: {b.reason}\n")
+            for i, b in enumerate(bad, 1))
         self._atomic_write(target.with_suffix(".reason"), reasons.encode())
         if whole is not None:
             os.rename(whole, target)

@@ -61,15 +61,18 @@ def record_store_location(spill_dir: os.PathLike[str] | str, store_path: os.Path
     target = directory / f"{MAP_PREFIX}{tag}.json"
     data = json.dumps({"tag": tag, "location": redact_location(store_path)}) + "\n"
     try:
-        if not directory.is_dir():
-            return None
+        st = os.stat(directory) if directory.is_dir() else None
+        if st is None or (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+            return None  # missing, or not ours alone: never write there (spill refuses or tightens it)
         try:
             if target.read_text() == data:
                 return target
         except FileNotFoundError:
             pass
         tmp = directory / f"{MAP_PREFIX}{tag}.{secrets.token_hex(4)}.tmp"
-        tmp.write_text(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
         os.replace(tmp, target)
         return target
     except OSError as exc:

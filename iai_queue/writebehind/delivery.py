@@ -7,8 +7,9 @@ in :attr:`Delivery.in_flight` for stop() to spill. An outage (every write
 fails) never quarantines anything.
 
 Guarantee 2 (poison pairs): a failing batch is bisected. A single pair that
-fails three times in a row while the pairs after it write is quarantined with
-the error text; the rest land.
+fails three times in a row while the store takes a harmless probe write (one
+pair for a record id no store has, which writes nothing) is quarantined with
+the error text; the rest land, in order.
 
 Guarantee 3 (exactly-once effect), the delivery half: after any failure the
 batch is flagged ``verify`` (it may have landed), so the store skips entry ids
@@ -22,6 +23,7 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Optional, Sequence
+from uuid import uuid4
 
 from ..events import RateLimiter, emit
 from ..jsoncodec import UnencodableEntries
@@ -93,21 +95,18 @@ class Delivery:
 
     ``in_flight`` is the batch being written, split as it is bisected; it is
     published under the lock in the same step as the pairs leave memory, so
-    ``stats()`` and ``stop()`` never miss a pair. ``borrow(into)`` takes the
-    next pairs from memory into ``in_flight`` (the poison probe) or returns None.
+    ``stats()`` and ``stop()`` never miss a pair.
     """
 
     def __init__(self, lock: threading.Lock, ledger: Ledger, write: Callable[[ProvenanceBatch], None],
                  backoff: Backoff, warn: RateLimiter,
-                 quarantine_pairs: Callable[[ProvenanceBatch, Sequence[str] | str, str], None],
-                 borrow: Callable[[deque], Optional[Batch]] = lambda into: None):
+                 quarantine_pairs: Callable[[ProvenanceBatch, Sequence[str] | str, str], None]):
         self.lock = lock
         self.ledger = ledger
         self.write = write
         self.backoff = backoff
         self.warn = warn
         self.quarantine_pairs = quarantine_pairs
-        self.borrow = borrow
         self.in_flight: Optional[deque] = None
         self.in_flight_on_disk = False  # a replay: its pairs are safe in the claimed file
         self.current: Optional[ProvenanceBatch] = None  # the batch in_flight came from (it knows its seqs)
@@ -186,7 +185,7 @@ class Delivery:
                     todo.appendleft(Batch(b[:mid], b.entry_ids[:mid], verify=True))
                 continue
             single_failures += 1
-            if single_failures >= POISON_FAILURES and self._is_poison(todo, batch, stop):
+            if single_failures >= POISON_FAILURES and self._is_poison(todo, stop):
                 single_failures = 0
                 continue
             self._retry_after(attempt, stop)
@@ -207,7 +206,9 @@ class Delivery:
             if not WRITES_IN_FLIGHT.begin(ids, b.verify):
                 raise StillInFlight("an earlier write of these entries has not returned yet")
             try:
-                skipped = self.write(b) or 0
+                result = self.write(b)
+                # The store returns how many pairs it skipped for unknown ids; a host's wrapper may return anything.
+                skipped = result if type(result) is int and 0 <= result <= len(b) else 0
             finally:
                 WRITES_IN_FLIGHT.end(ids)
         except UnencodableEntries as exc:
@@ -245,24 +246,32 @@ class Delivery:
         b.entry_ids = ids
         return b if keep else None
 
-    def _is_poison(self, todo: deque, batch: ProvenanceBatch, stop: StopSignal) -> bool:
-        """todo[0], a single pair, keeps failing: if what follows it writes, it is poison."""
-        if len(todo) < 2:
-            nxt = self.borrow(todo)  # the next pairs from memory as the probe
-            if nxt is None:
-                return False
-            batch.done_seqs += nxt.done_seqs  # the worker marks both done together
-        probe = todo[1]
-        if self.try_write(probe) is not None:
+    def _is_poison(self, todo: deque, stop: StopSignal) -> bool:
+        """todo[0], a single pair, keeps failing: if the store takes a harmless write, it is poison.
+
+        The probe is one pair for a record id no store has (a fresh random
+        UUID): the store accepts the call and writes nothing (unknown ids are
+        skipped). Nothing real is written ahead of the suspect, so a pair that
+        was only failing for a while keeps its place.
+        """
+        probe = ProvenanceBatch([(uuid4(), {"probe": True})], [f"probe-{uuid4().hex}"])
+        try:
+            self.write(probe)
+        except Exception:
+            with self.lock:
+                self.ledger.count(store_errors=1)
             return False  # the store is failing everything: an outage, not poison
+        exc = self.try_write(todo[0])  # one last chance, now that the store is known good
+        if exc is None:
+            with self.lock:
+                if stop.abandoned:
+                    raise Abandoned
+                todo.popleft()
+            return True
         with self.lock:
             if stop.abandoned:
                 raise Abandoned
             poison = todo.popleft()
-            todo.popleft()
-        exc = self.try_write(poison)  # one last chance, now that the store is known good
-        if exc is None:
-            return True
         self.quarantine_pairs(poison, f"store rejected: {type(exc).__name__}: {exc}", "poison")
         return True
 

@@ -113,8 +113,7 @@ class ProvenanceWriteQueue:
         self.enqueue = adm.enqueue  # the hot path, bound directly: no hop through the facade
         backoff = self._backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         quarantine = Quarantine(lock, ledger, spill, warn)
-        delivery = self._delivery = Delivery(lock, ledger, self._write_to_store, backoff, warn, quarantine.pairs,
-                                             borrow=self._borrow)
+        delivery = self._delivery = Delivery(lock, ledger, self._write_to_store, backoff, warn, quarantine.pairs)
         replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn,
                             batch_pairs=cfg.replay_batch_pairs, retry_unreadable_s=cfg.idle_replay_s)
         self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, replayer, spill,
@@ -126,6 +125,8 @@ class ProvenanceWriteQueue:
         self._worker: Optional[threading.Thread] = None
         self._spill_thread: Optional[threading.Thread] = None
         self._left_on_disk = False
+        self._successor: Optional[Callable[[list], None]] = None
+        self._closed_lock = threading.RLock()  # closed-route writes, one at a time; start() waits for them
 
     def _reinit_after_fork(self) -> None:
         # The parent's pending entries stay the parent's: the child starts empty
@@ -133,11 +134,9 @@ class ProvenanceWriteQueue:
         self._spill.forget_after_fork()
         self._init_state()
 
-    def _write_to_store(self, batch: ProvenanceBatch) -> None:
-        self._store.append_provenance_batch(batch, records_cache=None)  # looked up now: hosts wrap it
-
-    def _borrow(self, into):
-        return self._worker_loop.borrow(into)
+    def _write_to_store(self, batch: ProvenanceBatch) -> Optional[int]:
+        """The store's append (looked up now: hosts wrap it); what it returns (pairs skipped for unknown ids)."""
+        return self._store.append_provenance_batch(batch, records_cache=None)
 
     @property
     def spill_directory(self) -> SpillDirectory:
@@ -147,6 +146,11 @@ class ProvenanceWriteQueue:
     @property
     def _prefix(self) -> str:
         return self._ids.prefix
+
+    def forward_to(self, enqueue: Callable[[list], None]) -> None:
+        """After ``stop()``: hand later enqueues to ``enqueue`` (the queue that replaced this one), so a
+        caller still holding this queue lands behind what the new one holds, not beside it."""
+        self._successor = enqueue
 
     @property
     def left_on_disk(self) -> bool:
@@ -162,7 +166,7 @@ class ProvenanceWriteQueue:
     def start(self) -> "ProvenanceWriteQueue":
         """Start the worker and spill threads and register the exit handler. Idempotent."""
         adm = self._admission
-        with self._lock:
+        with self._closed_lock, self._lock:
             if adm.state in (Lifecycle.RUNNING, Lifecycle.CLOSING):
                 return self
             stop = self._stop = StopSignal()
@@ -199,7 +203,7 @@ class ProvenanceWriteQueue:
             # From now on enqueue takes the closed route: it waits for this drain, then writes behind it.
             adm.set_locked(state=Lifecycle.CLOSING, route=Route.CLOSED)
             stop, deadline = self._stop, time.monotonic() + timeout
-        stop.request(deadline)
+            stop.request(deadline)  # in the same step: a closed-route caller reads the deadline it waits on
         adm.worker_wake.set()
         with self._lock:
             adm.spill_room.notify_all()
@@ -238,7 +242,7 @@ class ProvenanceWriteQueue:
         with self._lock:
             if adm.state is Lifecycle.CLOSING:
                 # Behind the drain, never beside it (order per record): wait for stop() to finish.
-                wait_s = max(0.0, self._stop.deadline - time.monotonic()) + CLOSING_WAIT_MARGIN_S
+                wait_s = min(max(0.0, self._stop.deadline - time.monotonic()), 3600.0) + CLOSING_WAIT_MARGIN_S
                 self._ledger.done_advanced.wait_for(lambda: adm.state is not Lifecycle.CLOSING, wait_s)
             state = adm.state
         if state is Lifecycle.NEW:
@@ -246,23 +250,34 @@ class ProvenanceWriteQueue:
         if state in (Lifecycle.NEW, Lifecycle.RUNNING):
             adm.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
             return
-        # After stop() (or a stop() that overran its bound): write now on the caller's
-        # thread, or spill behind what is on disk.
+        # After stop() (or a stop() that overran its bound): the queue that replaced this
+        # one takes it, or it is written now on the caller's thread, or spilled behind
+        # what is on disk. One at a time, and never beside a start(): a restarted queue
+        # must find what this wrote (or spilled) already there.
+        with self._closed_lock:
+            if adm.state is not state:  # started again meanwhile: through admission after all
+                self._closed_route(chunk)
+                return
+            self._write_behind(chunk, state)
+
+    def _write_behind(self, chunk: Chunk, state: Lifecycle) -> None:
+        """The closed route's write (under ``_closed_lock``)."""
         pairs, eids, _ = chunk_parts(chunk, self._ids)
         seq = chunk_seq(chunk)
+        successor = self._successor
+        if successor is not None and state is Lifecycle.STOPPED:
+            successor(list(pairs))
+            with self._lock:
+                self._ledger.mark_done((seq,))
+            return
         with self._lock:
             self._ledger.accepted_elsewhere += len(pairs)
         if not self._left_on_disk and state is Lifecycle.STOPPED:
-            try:
-                self._write_to_store(ProvenanceBatch(pairs, eids))
+            error = self._delivery.try_write(ProvenanceBatch(pairs, eids))  # unencodable entries set aside there
+            if error is None:
                 with self._lock:
-                    self._ledger.count(written=len(pairs))
                     self._ledger.mark_done((seq,))
                 return
-            except Exception as exc:
-                with self._lock:
-                    self._ledger.count(store_errors=1)
-                self._warn.emit(log, logging.WARNING, "write.failed", error=repr(exc)[:300], pairs=len(pairs))
         self._left_on_disk = True
         self._spiller.spill_or_drop([HeldChunk(seq, tuple(pairs), 0, eids, True)])
         self._spill.release()
@@ -277,8 +292,11 @@ class ProvenanceWriteQueue:
             except BaseException as exc:
                 with self._lock:
                     self._ledger.count(thread_restarts=1)
-                log.error("thread.crashed thread=%s error=%r", name, exc, exc_info=True,
-                          extra={"event": "thread.crashed", "thread": name, "error": repr(exc)[:300]})
+                try:
+                    log.error("thread.crashed role=%s error=%r", name, exc, exc_info=True,
+                              extra={"event": "thread.crashed", "role": name, "error": repr(exc)[:300]})
+                except Exception:  # a broken log handler must not stop the restart
+                    pass
                 stop.requested.wait(self._backoff.delay(attempt))  # no busy loop on a crash that repeats
                 attempt += 1
 

@@ -55,7 +55,7 @@ class Quarantine:
         False when the directory refused: the lines are then counted dropped,
         unless they are ``still_on_disk`` (in a claimed file the caller keeps).
         """
-        count = len(bad) if whole is None or bad[0].lineno else 1
+        count = sum(1 for b in bad if b.raw.strip())  # non-blank lines, as `spill status` counts them
         try:
             target = self.directory.quarantine(stem, bad, whole=whole)
         except OSError as exc:

@@ -22,7 +22,7 @@ from ..spill.codec import unencodable_line
 from .admission import Admission
 from .chunks import chunk_len, chunk_parts, chunk_seq
 from .config import QueueConfig
-from .ledger import Ledger, seq_runs
+from .ledger import Ledger, expand_runs, seq_runs
 from .lifecycle import Backoff, Lifecycle, StopSignal
 from .quarantine import Quarantine
 
@@ -89,7 +89,7 @@ class Spiller:
             if path is not None:
                 self.ledger.count(spilled_files=1, spilled_pairs=len(lines))
             else:
-                self.ledger.mark_done(seqs)  # every line was quarantined
+                self.ledger.mark_done(expand_runs(seqs))  # every line was quarantined
         if path is not None:
             emit(log, logging.INFO, "spill", file=path.name, pairs=len(lines))
         return True

@@ -111,13 +111,6 @@ class Worker:
             self.delivery.publish_locked(batch, into)
             return batch
 
-    def borrow(self, into: deque) -> Optional[Batch]:
-        """The next pairs from memory into ``into`` (the poison probe), or None when memory is empty."""
-        with self.lock:
-            if not self.admission.pending:
-                return None
-        return self.take(into)
-
     def _idle_work(self, stop: StopSignal) -> bool:
         """Called when memory is empty. True when it did something."""
         if self.replayer.replay_some(stop):
