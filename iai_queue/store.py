@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import threading
+import weakref
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,7 @@ class MemoryStore:
         self._provenance_queue = None  # the live ProvenanceWriteQueue, or None (seed contract: kept)
         self._retired_queue = None  # a stopped queue still draining or with entries on disk: writes go behind it
         self._sync_queue = None  # a queue that never runs: the synchronous path
+        self._last_queue: Optional[weakref.ref] = None  # the queue enable made last: the next one succeeds it
         self._queue_options: dict[str, Any] = {}  # what the live queue was built with
         self._toggle_lock = threading.Lock()
         self._sync_lock = threading.Lock()  # disabled-mode writes, one at a time; enable waits for them
@@ -443,9 +445,11 @@ class MemoryStore:
             if self._provenance_queue is None:
                 q = ProvenanceWriteQueue(self, **options)
                 q.start()  # after every disabled-mode write in progress: its spill files are seen
-                retired, self._retired_queue = self._retired_queue, None
-                if retired is not None:
-                    retired.forward_to(q.enqueue)  # a caller still holding the old queue lands behind in this one
+                self._retired_queue = None
+                last = self._last_queue() if self._last_queue is not None else None
+                if last is not None:
+                    last.forward_to(q.enqueue)  # a caller still holding it lands behind in this one
+                self._last_queue = weakref.ref(q)
                 self._provenance_queue = q
                 self._queue_options = options
                 return q

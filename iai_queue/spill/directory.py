@@ -114,6 +114,7 @@ class SpillDirectory:
         self._last_ts = 0
         self._writer_fd: Optional[int] = None
         self._dir_ready = False  # created (or checked), and _last_ts above every file already there
+        self._released = False  # a stopped queue's later files are orphans at once: no writer lock re-taken
         self._write_lock = threading.Lock()  # the spill thread, stop() and late enqueues all write
 
     # -- writing ---------------------------------------------------------------
@@ -131,7 +132,7 @@ class SpillDirectory:
         if self._writer_fd is not None and os.fstat(self._writer_fd).st_nlink == 0:
             unlock(self._writer_fd)  # the directory was removed under us: our lock file with it
             self._writer_fd = None
-        if self._writer_fd is None:
+        if self._writer_fd is None and not self._released:
             # Held while this queue lives: our files are ours to replay, in order.
             self._writer_fd = try_flock(self.path / writer_lock_name(self.writer))
 
@@ -182,8 +183,14 @@ class SpillDirectory:
         fsync_dir(self.path)
         return self.path / name
 
+    def reopen(self) -> None:
+        """The queue runs (again): its next write takes the writer lock."""
+        self._released = False
+
     def release(self) -> None:
-        """Give up the writer lock; our remaining files become orphans for anyone to replay."""
+        """Give up the writer lock; our remaining files, and any we write until :meth:`reopen`, are
+        orphans for anyone to replay (whoever replaces a stopped queue sees them at once)."""
+        self._released = True
         fd, self._writer_fd = self._writer_fd, None
         if fd is not None:
             if not any(self._is_own(n) for n in self.names()):

@@ -37,6 +37,7 @@ log = logging.getLogger("iai_queue.queue")
 
 POISON_FAILURES = 3  # a single pair failing this often while later pairs write is poison
 IN_FLIGHT_WAIT_S = 1.0  # a verified write waits this long for an earlier write of the same ids, then retries
+BARRIER_WAIT_S = 5.0  # later writes wait this long for a write stop() gave up on (a hung store: then they go on)
 
 
 class WritesInFlight:
@@ -47,15 +48,23 @@ class WritesInFlight:
     in the store's hands — else both could find the ids absent and both append.
     A first write only registers its batch (no per-entry work on the common
     path); the overlap is computed when a verified write asks.
+
+    A write that ``stop()`` gave up waiting for (its worker abandoned while the
+    store held the batch) becomes a barrier: every later write of this process
+    waits for it (at most ``BARRIER_WAIT_S``), so entries accepted after it do not
+    land before it.
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._batches: dict[int, Sequence[str]] = {}  # id(batch's entry ids) -> entry ids
+        self._barriers: set[int] = set()
 
     def begin(self, entry_ids: Sequence[str], verify: bool) -> bool:
         """Register ``entry_ids``; False when a verified write still overlaps an earlier one after the wait."""
         with self._changed:
+            if self._barriers:
+                self._changed.wait_for(lambda: not self._barriers, BARRIER_WAIT_S)
             if verify:
                 mine = set(entry_ids)
 
@@ -70,7 +79,14 @@ class WritesInFlight:
     def end(self, entry_ids: Sequence[str]) -> None:
         with self._changed:
             self._batches.pop(id(entry_ids), None)
+            self._barriers.discard(id(entry_ids))
             self._changed.notify_all()
+
+    def hold_back_others(self, entry_ids: Sequence[str]) -> None:
+        """``entry_ids`` (a batch given up on while in the store): later writes wait for it."""
+        with self._changed:
+            if id(entry_ids) in self._batches:
+                self._barriers.add(id(entry_ids))
 
 
 WRITES_IN_FLIGHT = WritesInFlight()
@@ -141,7 +157,12 @@ class Delivery:
         return sum(len(b) for b in self.in_flight)
 
     def take_over_locked(self) -> list[ProvenanceBatch]:
-        """stop(): the unwritten batches that exist only in memory; nothing is in flight after."""
+        """stop(): the unwritten batches that exist only in memory; nothing is in flight after.
+
+        The one the store may still be writing holds back this process's later writes.
+        """
+        if self.in_flight:
+            WRITES_IN_FLIGHT.hold_back_others(self.in_flight[0].entry_ids)
         out = list(self.in_flight) if self.in_flight and not self.in_flight_on_disk else []
         self.finish_locked()
         return out
@@ -165,6 +186,8 @@ class Delivery:
         attempt = 0
         single_failures = 0
         while todo:
+            if stop.abandoned:  # stop() took the batch over: not one more write from here
+                raise Abandoned
             b = todo[0]
             if verify:
                 b.verify = True

@@ -169,6 +169,11 @@ class ProvenanceWriteQueue:
         with self._closed_lock, self._lock:
             if adm.state in (Lifecycle.RUNNING, Lifecycle.CLOSING):
                 return self
+            if self._successor is not None:  # replaced (the store disabled it): stays a forwarder
+                emit(log, logging.WARNING, "start.replaced",
+                     reason="this queue was replaced by the store's toggle; its enqueues go to the new one")
+                return self
+            self._spill.reopen()
             stop = self._stop = StopSignal()
             # Spill files of our store already waiting: new entries go behind them.
             behind = adm.route is not Route.MEMORY or bool(self._spill.replayable())
