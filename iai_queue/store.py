@@ -446,6 +446,7 @@ class MemoryStore:
                 q = ProvenanceWriteQueue(self, **options)
                 q.start()  # after every disabled-mode write in progress: its spill files are seen
                 self._retired_queue = None
+                self._sync_queue = None  # rebuilt with these options (its spill directory) when next needed
                 last = self._last_queue() if self._last_queue is not None else None
                 if last is not None:
                     last.forward_to(q.enqueue)  # a caller still holding it lands behind in this one
@@ -472,6 +473,7 @@ class MemoryStore:
         with self._toggle_lock:
             q, self._provenance_queue = self._provenance_queue, None
             if q is not None:
+                q.retire()  # a stop()/start() elsewhere must not bring it back beside its successor
                 self._retired_queue = q
         if q is None:
             return
@@ -493,7 +495,7 @@ class MemoryStore:
 
                         # A queue that never runs: its closed route is the synchronous write,
                         # with the same checks, codec and quarantine as every other path.
-                        q = self._sync_queue = ProvenanceWriteQueue(self)
+                        q = self._sync_queue = ProvenanceWriteQueue(self, **self._queue_options)
                         q.stop()
                     q.enqueue(pairs)
                     return

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 import tempfile
@@ -86,6 +87,8 @@ class Soak:
                                      embedding=[rnd.random() for _ in range(DIM)]) for i in range(args.records)]
         self.store.insert_many(self.records)
         self.spill_dir = workdir / "spill"
+        # Every path (the queues and the disabled store's synchronous path) spills here.
+        os.environ["IAI_QUEUE_SPILL_DIR"] = str(self.spill_dir)
         self.opts = dict(spill_dir=self.spill_dir, coalesce_ms=2, max_queue_size=16, max_memory_pairs=32,
                          max_batch_pairs=8, spill_file_pairs=16, exit_timeout=0.5, retry_initial_s=0.005,
                          retry_max_s=0.05, idle_replay_s=0.2)

@@ -546,8 +546,9 @@ def test_enqueue_after_stop_with_failing_store_is_spilled_not_lost(store, record
     fail.failing.set()
     q.enqueue([(records[0].id, {"t": "s", "n": 1})])
     fail.failing.clear()
-    q.enqueue([(records[0].id, {"t": "s", "n": 2})])  # behind the spilled one: spilled too, not written first
-    assert [e["n"] for e in store.get(records[0].id).provenance] == [0]
+    # the store is back: the spilled one is replayed first, on this caller's thread, then this one is written
+    q.enqueue([(records[0].id, {"t": "s", "n": 2})])
+    assert [e["n"] for e in store.get(records[0].id).provenance] == [0, 1, 2]
     assert q.stats().dropped == 0
     q2 = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
     try:

@@ -30,7 +30,7 @@ from .chunks import Chunk, HeldChunk, chunk_parts, chunk_seq
 from .config import QueueConfig
 from .delivery import Delivery
 from .ledger import Ledger
-from .lifecycle import Backoff, Lifecycle, StopSignal
+from .lifecycle import Abandoned, Backoff, GiveUp, Lifecycle, StopSignal
 from .quarantine import Quarantine
 from .replay import Replayer
 from .spilling import Spiller, SpillThread
@@ -126,6 +126,7 @@ class ProvenanceWriteQueue:
         self._spill_thread: Optional[threading.Thread] = None
         self._left_on_disk = False
         self._successor: Optional[Callable[[list], None]] = None
+        self._retired = False  # disabled by the store: start() refuses
         self._closed_lock = threading.RLock()  # closed-route writes, one at a time; start() waits for them
 
     def _reinit_after_fork(self) -> None:
@@ -146,6 +147,10 @@ class ProvenanceWriteQueue:
     @property
     def _prefix(self) -> str:
         return self._ids.prefix
+
+    def retire(self) -> None:
+        """Never start again (the store's toggle disabled this queue); call before ``stop()``."""
+        self._retired = True
 
     def forward_to(self, enqueue: Callable[[list], None]) -> None:
         """After ``stop()``: hand later enqueues to ``enqueue`` (the queue that replaced this one), so a
@@ -169,9 +174,9 @@ class ProvenanceWriteQueue:
         with self._closed_lock, self._lock:
             if adm.state in (Lifecycle.RUNNING, Lifecycle.CLOSING):
                 return self
-            if self._successor is not None:  # replaced (the store disabled it): stays a forwarder
-                emit(log, logging.WARNING, "start.replaced",
-                     reason="this queue was replaced by the store's toggle; its enqueues go to the new one")
+            if self._retired:  # the store disabled it: it never runs again
+                emit(log, logging.WARNING, "start.retired",
+                     reason="the store's toggle retired this queue; enqueues go behind it, or to its successor")
                 return self
             self._spill.reopen()
             stop = self._stop = StopSignal()
@@ -277,15 +282,30 @@ class ProvenanceWriteQueue:
             return
         with self._lock:
             self._ledger.accepted_elsewhere += len(pairs)
-        if not self._left_on_disk and state is Lifecycle.STOPPED:
-            error = self._delivery.try_write(ProvenanceBatch(pairs, eids))  # unencodable entries set aside there
-            if error is None:
-                with self._lock:
-                    self._ledger.mark_done((seq,))
-                return
+        if state is Lifecycle.STOPPED:
+            if self._left_on_disk:  # what waits on disk goes first: replayed here, on the caller's thread
+                self._left_on_disk = not self._replay_here()
+            if not self._left_on_disk:
+                error = self._delivery.try_write(ProvenanceBatch(pairs, eids))  # unencodable entries set aside there
+                if error is None:
+                    with self._lock:
+                        self._ledger.mark_done((seq,))
+                    return
         self._left_on_disk = True
         self._spiller.spill_or_drop([HeldChunk(seq, tuple(pairs), 0, eids, True)])
         self._spill.release()
+
+    def _replay_here(self) -> bool:
+        """Replay this store's waiting spill files on the calling thread (bounded by ``exit_timeout``,
+        at least a second). True when none is left."""
+        stop = StopSignal()
+        stop.deadline = time.monotonic() + max(1.0, self._cfg.exit_timeout)
+        try:
+            while self._worker_loop.replayer.replay_some(stop):
+                pass
+        except (GiveUp, Abandoned):
+            return False
+        return not self._spill.replayable()
 
     def _supervised(self, name: str, run: Callable[[StopSignal], None], stop: StopSignal) -> None:
         """Run one of the queue's threads; a crash is logged, counted, and the loop restarted."""
