@@ -152,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved rounds the recalls are split into (default 5)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     parser.add_argument("--dir", metavar="PATH", help="work directory (default: a new temp dir, removed after)")
+    parser.add_argument("--store", metavar="URI",
+                        help="run against this store location (e.g. s3://bucket/prefix): the records are "
+                             "seeded under a new sub-prefix, dropped after; spill files stay in the work dir")
+    from .cli import add_storage_option_argument
+
+    add_storage_option_argument(parser)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -162,10 +168,21 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    store_uri = getattr(args, "store", None)
+    if store_uri is not None:
+        from .location import StoreLocation
+
+        try:
+            StoreLocation.parse(store_uri)  # before any long work: a bad URI is a usage error
+        except (TypeError, ValueError) as exc:
+            print(f"iai-queue bench: error: --store: {exc}", file=sys.stderr)
+            return 2
+    from .cli import storage_options_of
+
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="iai-queue-bench-"))
     try:
         result = recall_benchmark(work, records=args.records, recalls=args.recalls, rounds=args.rounds,
-                                  seed=args.seed)
+                                  seed=args.seed, store_uri=store_uri, storage_options=storage_options_of(args))
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -176,11 +193,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, rounds: int = 5, seed: int = 0,
-                     k: int = 10, progress: bool = True) -> dict:
-    from .core import dispatch
+                     k: int = 10, progress: bool = True, store_uri: str | None = None,
+                     storage_options: dict | None = None) -> dict:
+    """The three modes on a fresh store in ``work`` (or under a new sub-prefix of ``store_uri``, dropped after)."""
     from .store import MemoryStore
 
-    store = MemoryStore(work / "db", dim=DIM)
+    if store_uri is None:
+        return _recall_benchmark(MemoryStore(work / "db", dim=DIM, maintenance="never"), work, records=records,
+                                 recalls=recalls, rounds=rounds, seed=seed, k=k, progress=progress)
+    import secrets
+
+    location = f"{store_uri.rstrip('/')}/iai-queue-bench-{secrets.token_hex(4)}"
+    store = MemoryStore(location, dim=DIM, storage_options=storage_options, maintenance="never")
+    try:
+        result = _recall_benchmark(store, work, records=records, recalls=recalls, rounds=rounds, seed=seed, k=k,
+                                   progress=progress)
+        result["store"] = store.location
+        return result
+    finally:
+        for name in ("records", "provenance"):
+            try:
+                store._db.drop_table(name)
+            except Exception:  # best effort: a benchmark leaves at most its own sub-prefix behind
+                pass
+
+
+def _recall_benchmark(store, work: Path, *, records: int, recalls: int, rounds: int, seed: int, k: int,
+                      progress: bool) -> dict:
+    from .core import dispatch
+
     spill_dir = work / "spill"
     t_seed = time.perf_counter()
     seed_store(store, records, seed=seed, progress=progress)

@@ -85,6 +85,13 @@ def main(a: dict) -> None:
             say(ev="enqueued", upto=k - 1)
         if pause:
             time.sleep(pause)
+    if a.get("drain_spill"):  # a restarted host: wait until the dead writer's files are replayed
+        spill_dir = Path(a["spill_dir"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+                n.endswith((".jsonl", ".claimed", ".tmp")) and ".failed-" not in n
+                for n in (os.listdir(spill_dir) if spill_dir.is_dir() else ())):
+            time.sleep(0.05)
     stop.set()
     if m is not None:
         m.join(60)
