@@ -435,3 +435,15 @@ def test_bench_runs_against_an_s3_store(s3_uri, s3_options, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["drain"]["ok"] and data["drain"]["rows_landed"] == 2 * 10 * 10
     assert data["store"].startswith(s3_uri + "/iai-queue-bench-")
+
+
+def test_local_store_maintenance_lock_is_one_process_at_a_time(tmp_path):
+    from iai_queue.maintenance import FlockMaintenanceLock
+
+    MemoryStore(tmp_path / "db", dim=DIM)
+    a, b = FlockMaintenanceLock(tmp_path / "db"), FlockMaintenanceLock(tmp_path / "db")
+    assert a.acquire()
+    assert not b.acquire()  # flock is per open file description: the same as another process
+    a.release()
+    assert b.acquire()
+    b.release()
