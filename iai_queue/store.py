@@ -139,6 +139,26 @@ def _encode_entries(entries: list) -> list[str]:
         return [json.dumps(e, separators=(",", ":")) for e in entries]
 
 
+_CONFLICT_ATTEMPTS = 4
+
+
+def _retry_commit_conflicts(step) -> None:
+    """Run one maintenance commit; retry it when another writer's commit preempted it.
+
+    Two maintainers overlapping (another host, or the queue's idle call) make
+    LanceDB refuse the later index or compaction commit as a "retryable commit
+    conflict"; nothing was written by the refused one, so running it again is safe.
+    """
+    for attempt in range(_CONFLICT_ATTEMPTS):
+        try:
+            step()
+            return
+        except Exception as exc:
+            if attempt + 1 == _CONFLICT_ATTEMPTS or "retryable commit conflict" not in str(exc).lower():
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+
+
 def _sql_str_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -460,9 +480,9 @@ class MemoryStore:
                               (self._provenance, "entry_id")):
             if not any(idx.columns == [column] for idx in table.list_indices()):
                 if table.count_rows():
-                    table.create_index(column, config=BTree(), replace=False)
-        self._records.optimize()
-        self._provenance.optimize()
+                    _retry_commit_conflicts(lambda: table.create_index(column, config=BTree(), replace=False))
+        _retry_commit_conflicts(self._records.optimize)
+        _retry_commit_conflicts(self._provenance.optimize)
 
     def request_maintenance(self) -> None:
         """Ask the background scheduler for a :meth:`maintain` run soon; returns at once.

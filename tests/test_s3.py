@@ -219,7 +219,7 @@ def test_four_host_processes_one_maintaining_every_entry_once(s3_server, s3_uri,
             if kid.proc.poll() is None:
                 kid.proc.kill()
                 kid.proc.wait()
-    assert done[0]["maint_runs"] >= 1 and not done[0]["maint_errors"], done[0]
+    assert done[0]["maint_runs"] >= 1 and not done[0]["maint_errors"], json.dumps(done[0])
     store = MemoryStore(s3_uri, dim=DIM, storage_options=s3_options)
     total = 0
     for h, d in enumerate(done):
