@@ -30,7 +30,6 @@ next append starts a new one.
 from __future__ import annotations
 
 import enum
-import fcntl
 import logging
 import os
 import threading
@@ -41,6 +40,11 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from .events import RateLimiter, emit
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a local store's processes are not coordinated there
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["MaintenanceRole", "MaintenancePolicy", "MaintenanceStats", "MaintenanceScheduler",
            "MaintenanceLock", "FlockMaintenanceLock", "WindowMaintenanceLock", "LEASE_TABLE_PREFIX"]
@@ -110,6 +114,8 @@ class FlockMaintenanceLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> bool:
+        if fcntl is None:
+            return True  # without flock every process may run; overlapping runs are safe, only wasted
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
