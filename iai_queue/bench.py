@@ -197,6 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=nonempty_path, metavar="PATH",
                         help="work directory, kept and reused: a second run reuses its seeded store "
                              "(default: a new temp dir, removed after)")
+    parser.add_argument("--store", metavar="URI",
+                        help="run against this store location (e.g. s3://bucket/prefix): the records are "
+                             "seeded under a new sub-prefix, dropped after; spill files stay in the work dir")
+    from .cli import add_storage_option_argument
+
+    add_storage_option_argument(parser)
 
 
 class UsageError(Exception):
@@ -256,10 +262,22 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"iai-queue bench: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    store_uri = getattr(args, "store", None)
+    if store_uri is not None:
+        from .location import StoreLocation
+
+        try:
+            StoreLocation.parse(store_uri)  # before any long work: a bad URI is a usage error
+        except (TypeError, ValueError) as exc:
+            print(f"iai-queue bench: error: --store: {exc}", file=sys.stderr)
+            return 2
+    from .cli import storage_options_of
+
     work = args.dir if args.dir else Path(tempfile.mkdtemp(prefix="iai-queue-bench-"))
     try:
         result = recall_benchmark(work, records=args.records, recalls=args.recalls, rounds=args.rounds,
-                                  seed=args.seed, keep_samples=args.plot is not None)
+                                  seed=args.seed, keep_samples=args.plot is not None, store_uri=store_uri,
+                                  storage_options=storage_options_of(args))
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -289,12 +307,37 @@ def verdict(result: dict) -> str:
 
 
 def recall_benchmark(work: Path, *, records: int = 10_000, recalls: int = 600, rounds: int = 5, seed: int = 0,
-                     k: int = 10, progress: bool = True, keep_samples: bool = False) -> dict:
-    """Run the three modes; the figures as a dict (``keep_samples``: also the raw latencies, under "samples")."""
-    from .core import dispatch
+                     k: int = 10, progress: bool = True, keep_samples: bool = False, store_uri: str | None = None,
+                     storage_options: dict | None = None) -> dict:
+    """The three modes on a fresh store in ``work`` (or under a new sub-prefix of ``store_uri``, dropped after);
+    the figures as a dict (``keep_samples``: also the raw latencies, under "samples")."""
     from .store import MemoryStore
 
-    store = MemoryStore(work / "db", dim=DIM)
+    if store_uri is None:
+        return _recall_benchmark(MemoryStore(work / "db", dim=DIM, maintenance="never"), work, records=records,
+                                 recalls=recalls, rounds=rounds, seed=seed, k=k, progress=progress,
+                                 keep_samples=keep_samples)
+    import secrets
+
+    location = f"{store_uri.rstrip('/')}/iai-queue-bench-{secrets.token_hex(4)}"
+    store = MemoryStore(location, dim=DIM, storage_options=storage_options, maintenance="never")
+    try:
+        result = _recall_benchmark(store, work, records=records, recalls=recalls, rounds=rounds, seed=seed, k=k,
+                                   progress=progress, keep_samples=keep_samples)
+        result["store"] = store.location
+        return result
+    finally:
+        for name in ("records", "provenance"):
+            try:
+                store._db.drop_table(name)
+            except Exception:  # best effort: a benchmark leaves at most its own sub-prefix behind
+                pass
+
+
+def _recall_benchmark(store, work: Path, *, records: int, recalls: int, rounds: int, seed: int, k: int,
+                      progress: bool, keep_samples: bool) -> dict:
+    from .core import dispatch
+
     spill_dir = work / "spill"
     t_seed = time.perf_counter()
     seed_store(store, records, seed=seed, progress=progress)

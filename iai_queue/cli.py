@@ -25,6 +25,13 @@ def plain_text(doc: str) -> str:
     return _REST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], doc).replace("``", "")
 
 
+def nonempty_text(text: str) -> str:
+    """An argparse type: any non-empty string (a path or a URI)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -109,8 +116,9 @@ def _add_spill_commands(spill: argparse.ArgumentParser) -> None:
                        description="Write the pending files of STORE into it now, progress on stderr. Safe "
                                    "while other processes use the store: files of a live writer are left to "
                                    "it, and orphaned files are replayed by one process at a time.")
-    p.add_argument("--store", type=nonempty_path, required=True, metavar="PATH",
-                   help="the memory store (a LanceDB directory)")
+    p.add_argument("--store", type=nonempty_text, required=True, metavar="PATH|URI",
+                   help="the memory store: a LanceDB directory, or an object-store URI (s3://bucket/prefix)")
+    add_storage_option_argument(p)
     p.add_argument("--dim", type=positive_int, metavar="N", help="embedding size (default: read from the store)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up after this long without progress (default 60)")
@@ -123,6 +131,27 @@ def _add_spill_commands(spill: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="requeue even with bad lines (they are quarantined again)")
     p.add_argument("--store", type=nonempty_path, metavar="PATH",
                    help="the store the entries belong to, for a file whose name does not say")
+
+
+def add_storage_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                        type=_storage_option, metavar="KEY=VALUE",
+                        help="an object-store setting passed to LanceDB (repeatable), e.g. endpoint=http://host:9000")
+
+
+def _storage_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        # never echo the text: the value may be a secret
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {key.strip()[:40]!r}"
+                                         f"{'' if sep else ' with no ='}")
+    return key.strip(), value
+
+
+def storage_options_of(args: argparse.Namespace) -> Optional[dict[str, str]]:
+    """``--storage-option`` pairs as a dict (a later key wins); None when none were given."""
+    pairs = getattr(args, "storage_options", None) or []
+    return dict(pairs) if pairs else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -295,18 +324,35 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _store_dim(path: Path) -> int:
-    """The embedding size of the store at ``path``; _Fail when it is not a memory store."""
+def _store_dim(location, storage_options: Optional[dict[str, str]] = None) -> int:
+    """The embedding size of the store at ``location``; _Fail when it is not a memory store."""
     import lancedb
 
     try:
-        table = lancedb.connect(path).open_table("records")
+        table = lancedb.connect(location.uri, storage_options=storage_options).open_table("records")
     except ValueError:
-        raise _Fail(f"{str(path)!r} is not a memory store (no records table)") from None
+        raise _Fail(f"{location.display!r} is not a memory store (no records table)") from None
     size = getattr(table.schema.field("embedding").type, "list_size", None)
     if not isinstance(size, int) or size <= 0:
-        raise _Fail(f"{str(path)!r} is not a memory store (no fixed-size embedding column)")
+        raise _Fail(f"{location.display!r} is not a memory store (no fixed-size embedding column)")
     return size
+
+
+def _existing_store_location(text: str):
+    """The parsed ``--store``; _Fail for a local path that is missing or a file (never create a store)."""
+    from .location import StoreLocation
+
+    try:
+        location = StoreLocation.parse(text)
+    except (TypeError, ValueError) as exc:
+        raise _Fail(str(exc)) from None
+    path = location.local_path
+    if path is not None:
+        if not path.exists():
+            raise _Fail(f"store {str(path)!r} does not exist")  # replay into a new store would skip every entry
+        if not path.is_dir():
+            raise _Fail(f"store {str(path)!r} is a file, not a memory store directory")
+    return location
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -317,21 +363,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .writebehind.lifecycle import GiveUp, StopSignal
 
     spill_dir = _spill_dir(args)
-    store_path: Path = args.store
-    if not store_path.exists():
-        raise _Fail(f"store {str(store_path)!r} does not exist")  # never create one: replay would skip every entry
-    if not store_path.is_dir():
-        raise _Fail(f"store {str(store_path)!r} is a file, not a memory store directory")
+    location = _existing_store_location(args.store)
+    options = storage_options_of(args)
     if args.dim is not None and args.dim <= 0:
         raise _Fail(f"--dim must be a positive int, got {args.dim}")
-    found_dim = _store_dim(store_path)
+    found_dim = _store_dim(location, options)
     try:
-        store = MemoryStore(store_path, dim=args.dim if args.dim is not None else found_dim)
-    except ValueError as exc:
+        store = MemoryStore(location.uri, dim=args.dim if args.dim is not None else found_dim,
+                            storage_options=options, maintenance="never")
+    except (TypeError, ValueError) as exc:
         raise _Fail(str(exc)) from None
+    store_path = store.location  # shown to the operator: never holds credentials
 
-    tag = store_tag(store_path)
-    record_store_location(spill_dir, store_path)  # only where the directory exists; never creates it
+    tag = store.identity  # what the queue's spill names carry for this store
+    record_store_location(spill_dir, store.path)  # only where the directory exists; never creates it
     files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed")]
     ours = [f for f in files if f.store in (tag, None)]
     live = [f for f in ours if f.writer_alive]

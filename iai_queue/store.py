@@ -1,6 +1,13 @@
 """The LanceDB memory store: records, vector recall, append-only provenance.
 
-Layout (one LanceDB database directory, two tables):
+Where: a local directory, or an object-store URI (``s3://bucket/prefix``,
+``gs://…``, ``az://…``) passed through to LanceDB with ``storage_options``
+(credentials there or in the usual environment variables). Many hosts may open
+one object-store database at once: LanceDB commits with conditional writes, so
+concurrent appends never overwrite each other. :mod:`iai_queue.location` says
+what is safe to log and what names a store.
+
+Layout (one LanceDB database, two tables):
 
 ``records``
     ``id`` (canonical UUID string), ``text``, ``embedding`` (fixed-size float32
@@ -19,7 +26,9 @@ Guarantees of :meth:`MemoryStore.append_provenance_batch`:
 * Per-record order: ``seq`` is drawn from a per-store counter that never goes
   backwards (nanoseconds since the epoch, bumped on collision), so entries
   appended by one caller, in one call or in successive calls, read back in that
-  order. Writers in different processes interleave by wall clock.
+  order. Writers in different processes or hosts interleave by wall clock: an
+  entry from a host whose clock runs ``d`` behind sorts before entries the
+  others appended up to ``d`` earlier (never reordering one host's own).
 * Exactly-once effect: every row carries an ``entry_id``. A batch built by the
   queue (:class:`ProvenanceBatch`) brings its own ids; a batch flagged
   ``verify`` (a retry or a replay, which may have landed before) first drops
@@ -54,6 +63,9 @@ import pyarrow.compute as pc
 from lancedb.index import BTree
 
 from .jsoncodec import UnencodableEntries, decode, encode_entries
+from .location import StoreLocation, is_uri, parse_storage_options
+from .maintenance import (FlockMaintenanceLock, MaintenancePolicy, MaintenanceRole, MaintenanceScheduler,
+                          MaintenanceStats, WindowMaintenanceLock)
 from .pairs import ProvenanceBatch
 
 __all__ = ["DuplicateIdError", "MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
@@ -72,9 +84,12 @@ _METADATA_CACHE_BYTES = 32 << 20
 _INDEX_CACHE_BYTES = 256 << 20
 
 
-def default_store_path() -> Path:
+def default_store_path() -> "Path | str":
+    """``$IAI_QUEUE_STORE`` (a path, or a URI kept as text), else ``~/.iai-mcp/lancedb``."""
     env = os.environ.get("IAI_QUEUE_STORE")
-    return Path(env) if env else Path.home() / ".iai-mcp" / "lancedb"
+    if env:
+        return env if is_uri(env) else Path(env)
+    return Path.home() / ".iai-mcp" / "lancedb"
 
 
 def _option_value(name: str, value: Any) -> Any:
@@ -104,6 +119,26 @@ class DuplicateIdError(ValueError):
         super().__init__(f"record id already in the store (or given twice): {shown}; nothing was inserted")
 
 
+_CONFLICT_ATTEMPTS = 4
+
+
+def _retry_commit_conflicts(step) -> None:
+    """Run one maintenance commit; retry it when another writer's commit preempted it.
+
+    Two maintainers overlapping (another host, or the queue's idle call) make
+    LanceDB refuse the later index or compaction commit as a "retryable commit
+    conflict"; nothing was written by the refused one, so running it again is safe.
+    """
+    for attempt in range(_CONFLICT_ATTEMPTS):
+        try:
+            step()
+            return
+        except Exception as exc:
+            if attempt + 1 == _CONFLICT_ATTEMPTS or "retryable commit conflict" not in str(exc).lower():
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+
+
 def _sql_str_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -111,28 +146,39 @@ def _sql_str_list(values: Iterable[str]) -> str:
 class MemoryStore:
     """Records with embeddings, vector recall, and append-only provenance.
 
-    ``MemoryStore(path)`` opens or creates the database at ``path`` (default:
-    env ``IAI_QUEUE_STORE``, else ``~/.iai-mcp/lancedb``). All methods are safe
-    to call from several threads at once.
+    ``MemoryStore(path)`` opens or creates the database at ``path``: a local
+    directory or an object-store URI (default: env ``IAI_QUEUE_STORE``, else
+    ``~/.iai-mcp/lancedb``); ``storage_options`` go to LanceDB as given. All
+    methods are safe to call from several threads at once.
+
+    ``path`` is the directory (a ``Path``) for a local store and the redacted
+    URI (a ``str``, no credentials) for an object store; :attr:`location` is
+    the text to show, :attr:`identity` eight hex digits naming the store.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, dim: int = 384):
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, dim: int = 384,
+                 storage_options: Optional[Mapping[str, str]] = None,
+                 maintenance: "MaintenancePolicy | MaintenanceRole | str | None" = None):
         if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.path = Path(path) if path is not None else default_store_path()
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"store path {str(self.path)!r} is an existing file, not a directory")
+        loc = StoreLocation.parse(path if path is not None else default_store_path())
+        options = parse_storage_options(storage_options)
+        self._location = loc
+        self.path: "Path | str" = loc.local_path if loc.local_path is not None else loc.display
+        if loc.local_path is not None:
+            if loc.local_path.exists() and not loc.local_path.is_dir():
+                raise ValueError(f"store path {loc.display!r} is an existing file, not a directory")
+            loc.local_path.mkdir(parents=True, exist_ok=True)
         self.dim = dim
-        self.path.mkdir(parents=True, exist_ok=True)
         # interval 0: every read sees what other processes committed.
-        self._db = lancedb.connect(self.path, read_consistency_interval=timedelta(0),
+        self._db = lancedb.connect(loc.uri, storage_options=options, read_consistency_interval=timedelta(0),
                                    session=lancedb.Session(index_cache_size_bytes=_INDEX_CACHE_BYTES,
                                                            metadata_cache_size_bytes=_METADATA_CACHE_BYTES))
         self._records = self._open_or_create(RECORDS, self._records_schema())
         self._provenance = self._open_or_create(PROVENANCE, self._provenance_schema())
         found = self._records.schema.field("embedding").type
         if getattr(found, "list_size", dim) != dim:
-            raise ValueError(f"store at {str(self.path)!r} holds {found.list_size}-d embeddings, not dim={dim}")
+            raise ValueError(f"store at {loc.display!r} holds {found.list_size}-d embeddings, not dim={dim}")
         self._seq_lock = threading.Lock()
         self._last_seq = 0
         self._entry_prefix = f"s{secrets.token_hex(4)}-"
@@ -147,6 +193,46 @@ class MemoryStore:
         self._toggle_lock = threading.Lock()
         self._sync_lock = threading.Lock()  # disabled-mode writes, one at a time; enable waits for them
         self._insert_lock = threading.Lock()  # the duplicate-id check and the add, as one step
+        self._scheduler = self._make_scheduler(maintenance)
+
+    def _make_scheduler(self, maintenance) -> Optional[MaintenanceScheduler]:
+        if maintenance is None:
+            policy = MaintenancePolicy.from_env()
+        elif isinstance(maintenance, MaintenancePolicy):
+            policy = maintenance
+        elif isinstance(maintenance, (MaintenanceRole, str)):
+            try:
+                policy = MaintenancePolicy(role=MaintenanceRole(maintenance))
+            except ValueError:
+                raise ValueError(f"maintenance={maintenance!r}: expected a MaintenancePolicy or "
+                                 f"'auto', 'always', 'never'") from None
+        else:
+            raise TypeError(f"maintenance must be a MaintenancePolicy, MaintenanceRole or str, "
+                            f"got {type(maintenance).__name__}")
+        if policy.role is MaintenanceRole.NEVER:
+            return None
+        local = self._location.local_path
+        lock = (FlockMaintenanceLock(local) if local is not None
+                else WindowMaintenanceLock(self._db, policy.window_s))
+        return MaintenanceScheduler(self, MemoryStore.maintain, lock, policy)
+
+    @property
+    def location(self) -> str:
+        """Where the store is, safe to show and log: a path, or the URI without credentials."""
+        return self._location.display
+
+    @property
+    def identity(self) -> str:
+        """Eight hex digits naming this store, the same on every host (for spill file names)."""
+        return self._location.identity
+
+    @property
+    def is_local(self) -> bool:
+        """True for a local directory, False for object storage."""
+        return self._location.is_local
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.location!r}, dim={self.dim})"
 
     # -- schema -----------------------------------------------------------------
 
@@ -352,6 +438,8 @@ class MemoryStore:
             pa.array(np.arange(base, base + m, dtype=np.int64)),
             pa.array(entries, pa.string()),
         ], schema=self._provenance_schema()))
+        if self._scheduler is not None:
+            self._scheduler.note_rows(m)
         return unknown
 
     def _id_strings(self, pairs) -> list[str]:
@@ -406,16 +494,36 @@ class MemoryStore:
     def maintain(self) -> None:
         """Compact both tables and build the scalar indexes lookups use.
 
-        The queue calls this on idle; it is safe at any time, never needed for
-        correctness, and what makes ``get()`` fast on a large provenance table.
+        Runs on the caller's thread; the store's own scheduler (see
+        :mod:`iai_queue.maintenance`) calls it in the background by work done and
+        idleness. It is safe at any time, also while other threads, processes or
+        hosts append, never needed for correctness, and what makes ``get()``
+        fast on a large provenance table.
         """
         for table, column in ((self._records, "id"), (self._provenance, "record_id"),
                               (self._provenance, "entry_id")):
             if not any(idx.columns == [column] for idx in table.list_indices()):
                 if table.count_rows():
-                    table.create_index(column, config=BTree(), replace=False)
-        self._records.optimize()
-        self._provenance.optimize()
+                    _retry_commit_conflicts(lambda: table.create_index(column, config=BTree(), replace=False))
+        _retry_commit_conflicts(self._records.optimize)
+        _retry_commit_conflicts(self._provenance.optimize)
+
+    def request_maintenance(self) -> None:
+        """Ask the background scheduler for a :meth:`maintain` run soon; returns at once.
+
+        With ``maintenance="never"`` there is no scheduler and this does nothing.
+        """
+        if self._scheduler is not None:
+            self._scheduler.request()
+
+    def maintenance_stats(self) -> Optional[MaintenanceStats]:
+        """Runs, failures and durations of background maintenance; None without a scheduler."""
+        return self._scheduler.stats() if self._scheduler is not None else None
+
+    def close(self) -> None:
+        """Stop background maintenance (a run under way finishes). The store stays usable."""
+        if self._scheduler is not None:
+            self._scheduler.close()
 
     # -- the provenance queue toggle -------------------------------------------------
 

@@ -19,6 +19,9 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("IAI_QUEUE_SPILL_DIR", raising=False)
     monkeypatch.delenv("IAI_QUEUE_STORE", raising=False)
+    # The store's background maintenance thread would outlive a test and disturb the
+    # tests that count threads; the tests of maintenance pass maintenance= explicitly.
+    monkeypatch.setenv("IAI_QUEUE_MAINTENANCE", "never")
     return home
 
 
@@ -82,3 +85,32 @@ def gate(store):
     g = Gate(store)
     yield g
     g.open()
+
+
+# -- a real S3-compatible server on loopback -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on a free 127.0.0.1 port, one bucket, for the whole session."""
+    from _s3 import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_uri(s3_server) -> str:
+    """A fresh ``s3://bucket/prefix`` for one test."""
+    return s3_server.new_uri()
+
+
+@pytest.fixture
+def s3_options(s3_server) -> dict:
+    return s3_server.storage_options()
+
+
+@pytest.fixture
+def s3_store(s3_uri, s3_options) -> MemoryStore:
+    return MemoryStore(s3_uri, dim=DIM, storage_options=s3_options)

@@ -105,9 +105,11 @@ class SpillDirectory:
     everything else is the replaying worker's.
     """
 
-    def __init__(self, path: os.PathLike[str] | str, *, store_path=None):
+    def __init__(self, path: os.PathLike[str] | str, *, store_path=None, tag: Optional[str] = None):
+        """``tag``: the store's identity for file names (``MemoryStore.identity``: the same on every
+        host, credentials never in it); else derived from ``store_path``."""
         self.path = Path(path)
-        self.store = store_tag(store_path)
+        self.store = tag if tag is not None else store_tag(store_path)
         self._store_path = store_path
         self.writer = f"w{os.getpid()}x{secrets.token_hex(4)}"
         self._counter = 0

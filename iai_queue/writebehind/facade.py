@@ -108,7 +108,8 @@ class ProvenanceWriteQueue:
         warn = RateLimiter()  # has a lock of its own
         ledger = self._ledger = Ledger(lock)
         ids = self._ids = EntryIds()
-        spill = self._spill = SpillDirectory(cfg.spill_dir, store_path=getattr(self._store, "path", None))
+        spill = self._spill = SpillDirectory(cfg.spill_dir, store_path=getattr(self._store, "path", None),
+                                            tag=getattr(self._store, "identity", None))
         adm = self._admission = Admission(lock, cfg, ledger, warn, on_closed=self._closed_route)
         self.enqueue = adm.enqueue  # the hot path, bound directly: no hop through the facade
         backoff = self._backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
@@ -117,7 +118,7 @@ class ProvenanceWriteQueue:
         replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn,
                             batch_pairs=cfg.replay_batch_pairs, retry_unreadable_s=cfg.idle_replay_s)
         self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, replayer, spill,
-                                   lambda: getattr(self._store, "maintain", None), warn)
+                                   self._maintenance_call, warn)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
         self._spill_loop = SpillThread(lock, cfg, adm, self._spiller, backoff)
         self._warn = warn
@@ -134,6 +135,11 @@ class ProvenanceWriteQueue:
         # (NEW), and starts a worker of its own on first enqueue.
         self._spill.forget_after_fork()
         self._init_state()
+
+    def _maintenance_call(self) -> Optional[Callable[[], Any]]:
+        """What the worker calls when idle: the store's scheduler if it has one (off the worker's
+        thread, one host at a time), else its ``maintain()``, else nothing."""
+        return getattr(self._store, "request_maintenance", None) or getattr(self._store, "maintain", None)
 
     def _write_to_store(self, batch: ProvenanceBatch) -> Optional[int]:
         """The store's append (looked up now: hosts wrap it); what it returns (pairs skipped for unknown ids)."""

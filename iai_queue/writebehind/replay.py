@@ -51,7 +51,8 @@ class Replayer:
         """A replayer of its own (no queue): for ``iai-queue spill replay``. Its counts are in ``ledger.n``."""
         lock = threading.Lock()
         ledger = Ledger(lock)
-        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None))
+        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None),
+                                   tag=getattr(store, "identity", None))
         warn = RateLimiter()
         quarantine = Quarantine(lock, ledger, directory, warn)
         delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
