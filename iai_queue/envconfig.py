@@ -43,6 +43,12 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _durability(text: str) -> str:
+    from .journal import Durability
+
+    return Durability(text).value  # ValueError: reported with the variable's name
+
+
 # option -> (parser, what the value must be)
 QUEUE_ENV_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "coalesce_ms": (_number, "a finite number >= 0"),
@@ -57,6 +63,8 @@ QUEUE_ENV_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "replay_batch_pairs": (_count, "an integer >= 1"),
     "spill_file_pairs": (_count, "an integer >= 1"),
     "backlog_batch_pairs": (_count, "an integer >= 1"),
+    "durability": (_durability, "one of memory, process, fsync-interval, fsync-always"),
+    "fsync_interval_ms": (_number, "a finite number >= 0"),
 }
 
 

@@ -83,7 +83,7 @@ def test_otel_bridge_reports_counters_updowns_and_gauges(store, records, tmp_pat
         else:
             assert isinstance(m.data, Sum) and m.data.is_monotonic == (spec.kind is Kind.COUNTER), spec
         assert m.unit == {"entries": "{entry}", "files": "{file}", "errors": "{error}", "retries": "{retry}",
-                          "seconds": "s", "restarts": "{restart}"}[spec.unit]
+                          "seconds": "s", "restarts": "{restart}", "bytes": "By"}[spec.unit]
         (point,) = m.data.data_points
         assert dict(point.attributes) == {"store": "main"}
     point = lambda name: metrics[name].data.data_points[0].value  # noqa: E731

@@ -42,7 +42,7 @@ def test_every_queue_option_has_a_variable_that_the_queue_accepts(monkeypatch, s
     params = set(inspect.signature(ProvenanceWriteQueue.__init__).parameters) - {"self", "store"}
     assert set(QUEUE_ENV_OPTIONS) == params
     values = {"coalesce_ms": "5", "spill_dir": str(tmp_path / "s"), "exit_timeout": "1", "retry_initial_s": "0.01",
-              "retry_max_s": "0.5", "idle_replay_s": "2"}
+              "retry_max_s": "0.5", "idle_replay_s": "2", "durability": "memory"}
     for option in QUEUE_ENV_OPTIONS:
         monkeypatch.setenv(f"IAI_QUEUE_{option.upper()}", values.get(option, "64"))
     q = ProvenanceWriteQueue(store, **queue_options_from_env())

@@ -68,6 +68,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "Entries for record ids the store does not have (skipped, not written)"),
     MetricSpec("thread_restarts", "thread_restarts", Kind.COUNTER, "restarts",
                "Worker or spill thread crashes, each logged and the thread restarted"),
+    MetricSpec("journal_fallbacks", "journal_fallbacks", Kind.COUNTER, "entries",
+               "Enqueue calls that took the memory path because the journal could not be written"),
+    MetricSpec("journal_bytes", "journal_bytes", Kind.UPDOWN, "bytes", "Bytes in this queue's journal segments"),
+    MetricSpec("journal_segments", "journal_segments", Kind.UPDOWN, "files", "This queue's journal segments"),
+    MetricSpec("journal_backlog", "entries_journal_backlog", Kind.UPDOWN, "entries",
+               "Entries journaled but not in memory (re-read from the journal)"),
+    MetricSpec("fsync_lag_s", "journal_fsync_lag", Kind.GAUGE, "seconds",
+               "Time since the last journal fsync while records wait for one; 0 when synced"),
+    MetricSpec("oldest_unreplayed_age_s", "oldest_unreplayed_age", Kind.GAUGE, "seconds",
+               "Age of the oldest journaled entry not yet in the store; 0 when none"),
 )
 
 

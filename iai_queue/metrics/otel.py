@@ -28,7 +28,7 @@ from . import METRICS, Kind, stats_source
 __all__ = ["register_queue_metrics", "QueueInstruments", "instrument_name"]
 
 _UNITS = {"entries": "{entry}", "files": "{file}", "errors": "{error}", "retries": "{retry}", "seconds": "s",
-          "restarts": "{restart}"}
+          "restarts": "{restart}", "bytes": "By"}
 _SNAPSHOT_TTL_S = 0.5  # one collection reads all instruments within this window
 
 

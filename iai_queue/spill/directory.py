@@ -138,6 +138,21 @@ class SpillDirectory:
             # Held while this queue lives: our files are ours to replay, in order.
             self._writer_fd = try_flock(self.path / writer_lock_name(self.writer))
 
+    def hold_writer_lock(self) -> None:
+        """Create (or check) the directory and hold our writer lock now (the journal writes from the start)."""
+        with self._write_lock:
+            self._ensure_dir()
+            if self._writer_fd is None:
+                raise OSError(f"cannot lock {self.path / writer_lock_name(self.writer)}")
+
+    def next_stem(self) -> str:
+        """A stem for a new file of ours, named after every file already here (a journal segment)."""
+        with self._write_lock:
+            self._ensure_dir()
+            self._counter += 1
+            self._last_ts = max(time.time_ns(), self._last_ts + 1)
+            return file_stem(self._last_ts, self.store, self.writer, self._counter)
+
     def record_store(self) -> None:
         """Name our store in the directory's tag -> location map, if the directory exists (never creates it)."""
         record_store_location(self.path, self._store_path)
@@ -394,6 +409,18 @@ class SpillDirectory:
             os.rename(whole, target)
         else:
             self._atomic_write(target, b"".join(b.raw for b in bad))
+        fsync_dir(self.path)
+        return target
+
+    def quarantine_bytes(self, stem: str, data: bytes, reasons: str, suffix: str = ".wal") -> Path:
+        """Set raw bytes aside, byte for byte, as ``<stem>.failed-<unix_ts><suffix>`` plus a ``.reason`` file."""
+        ensure_private_dir(self.path)
+        ts = int(time.time())
+        while (self.path / f"{stem}.failed-{ts}{suffix}").exists():
+            ts += 1
+        target = self.path / f"{stem}.failed-{ts}{suffix}"
+        self._atomic_write(target.with_suffix(".reason"), reasons.encode())
+        self._atomic_write(target, data)
         fsync_dir(self.path)
         return target
 

@@ -6,6 +6,10 @@ The name on disk is the state (forward only)::
        TMP              PENDING                              CLAIMED
                                   (bad lines)  ->  <stem>.failed-<unix_ts>.jsonl   QUARANTINED
 
+Journal segments (write-ahead mode, :mod:`iai_queue.journal`) live here too,
+named ``<ts>-<store>-<writer>-<n>.wal`` (JOURNAL) under the same writer lock;
+their damaged spans are set aside as ``<stem>.failed-<unix_ts>.wal`` (QUARANTINED).
+
 ``<ts_ns>`` orders files oldest first; ``<store>`` is a hash of the store path,
 so processes of one user with different stores can share the directory;
 ``<writer>`` names one live queue. Quarantined pairs of a queue (poison,
@@ -23,12 +27,13 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-__all__ = ["FileState", "SpillName", "default_spill_dir", "file_state", "is_pending_name", "is_quarantined_name",
+__all__ = ["FileState", "SpillName", "default_spill_dir", "file_state", "is_journal_name", "is_pending_name", "is_quarantined_name",
            "parse_name", "stem_of", "store_tag"]
 
-_FAILED = re.compile(r"\.failed-\d+\.jsonl$")
+_FAILED = re.compile(r"\.failed-\d+\.(?:jsonl|wal)$")
 _OURS = re.compile(r"^(?P<ts>\d{19})-(?P<store>[0-9a-f]{8})-(?P<writer>w[0-9a-z]+)-(?P<n>\d+)(?:-(?P<kind>[a-z]+))?$")
 TMP_SUFFIX = ".jsonl.tmp"
+JOURNAL_SUFFIX = ".wal"
 
 
 class FileState(Enum):
@@ -36,6 +41,7 @@ class FileState(Enum):
     PENDING = "pending"  # waiting for replay
     CLAIMED = "claimed"  # being replayed (or its replayer died)
     QUARANTINED = "quarantined"  # set aside for an operator
+    JOURNAL = "journal"  # a write-ahead journal segment (replayed once its writer is gone)
 
 
 class SpillName(NamedTuple):
@@ -64,6 +70,10 @@ def is_pending_name(name: str) -> bool:
     return name.endswith(".jsonl") and not name.startswith(".") and not _FAILED.search(name)
 
 
+def is_journal_name(name: str) -> bool:
+    return name.endswith(JOURNAL_SUFFIX) and not name.startswith(".") and not _FAILED.search(name)
+
+
 def is_quarantined_name(name: str) -> bool:
     return not name.startswith(".") and bool(_FAILED.search(name))
 
@@ -74,7 +84,7 @@ def is_tmp_name(name: str) -> bool:
 
 def stem_of(name: str) -> str:
     """``name`` without ``.jsonl`` / ``.claimed``."""
-    for suffix in (".jsonl", ".claimed"):
+    for suffix in (".jsonl", ".claimed", JOURNAL_SUFFIX):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -102,6 +112,8 @@ def file_state(name: str) -> Optional[tuple[FileState, str]]:
         return FileState.CLAIMED, stem_of(name)
     if is_pending_name(name):
         return FileState.PENDING, stem_of(name)
+    if is_journal_name(name):
+        return FileState.JOURNAL, stem_of(name)
     return None
 
 

@@ -27,7 +27,7 @@ class SpillFileInfo:
     """One file of a spill directory, as :func:`status` sees it."""
 
     name: str
-    state: str  # "pending", "claimed", "quarantined" or "tmp" (a FileState's value)
+    state: str  # "pending", "claimed", "quarantined", "tmp" or "journal" (a FileState's value)
     entries: int  # non-blank lines
     bytes: int
     age_s: float  # since the file was last modified
@@ -80,6 +80,19 @@ def _count_lines(path: Path) -> int:
     return n + content
 
 
+def _count_entries(path: Path, state: FileState) -> int:
+    """Lines of a spill file; pairs in a journal segment's whole records; 1 for a set-aside journal span."""
+    if state is FileState.TMP:
+        return 0
+    if state is FileState.JOURNAL:
+        from ..journal import scan_segment  # the journal package imports nothing of the spill package's users
+
+        return sum(len(r.items) for r in scan_segment(path).records)
+    if path.name.endswith(".wal"):
+        return 1
+    return _count_lines(path)
+
+
 def status(path: os.PathLike[str] | str) -> SpillStatus:
     """Every spill, claimed, quarantined and temporary file of ``path``, oldest first.
 
@@ -102,7 +115,7 @@ def status(path: os.PathLike[str] | str) -> SpillStatus:
         p = path / n
         try:
             st = p.stat()
-            entries = _count_lines(p) if state is not FileState.TMP else 0
+            entries = _count_entries(p, state)
         except FileNotFoundError:
             continue  # replayed or renamed while we looked
         parts = parse_name(stem)

@@ -68,7 +68,8 @@ class Admission:
         self.lock = lock
         self.warn = warn
         self.ledger = ledger
-        self._seq = ledger.seq
+        self._seq = ledger.seq  # next(self._seq): the hot path's one number per call
+        self.next_seq = ledger.next_seq  # the same counter, for the journaled path
         self.max_queue_size = cfg.max_queue_size
         self.max_memory_pairs = cfg.max_memory_pairs
         self.on_closed = on_closed

@@ -6,6 +6,11 @@ their way to the spill directory (default ``4 * max_queue_size``).
 ``max_batch_pairs`` is what one write takes when traffic is light;
 ``backlog_batch_pairs`` what it takes when more than one batch waits. Times given
 in milliseconds keep their ``_ms`` name; everything is held in seconds.
+
+``durability`` (:class:`~iai_queue.journal.Durability`): ``"memory"`` (the
+default) or one of the write-ahead levels. In a write-ahead level
+``exit_timeout`` defaults to 0: the journal holds what the store has not taken,
+so exit need not wait for the store.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..journal import Durability
 from ..spill import default_spill_dir
 
 __all__ = ["QueueConfig"]
@@ -46,14 +52,18 @@ class QueueConfig:
     spill_file_pairs: int
     spill_dir: Path
     backlog_batch_pairs: int  # what the worker takes per write when more than one batch waits
+    durability: Durability = Durability.MEMORY
+    fsync_interval_s: float = 0.1
+    journal_segment_bytes: int = 16 << 20
 
     @classmethod
     def from_options(cls, *, coalesce_ms: float = 50, max_queue_size: int = 4096,
                      max_batch_pairs: Optional[int] = None, backlog_batch_pairs: Optional[int] = None,
                      spill_dir: str | os.PathLike[str] | None = None, max_memory_pairs: Optional[int] = None,
-                     exit_timeout: float = 2.0, retry_initial_s: float = 0.05, retry_max_s: float = 5.0,
+                     exit_timeout: Optional[float] = None, retry_initial_s: float = 0.05, retry_max_s: float = 5.0,
                      idle_replay_s: float = 5.0, replay_batch_pairs: int = 8192,
-                     spill_file_pairs: int = 8192) -> "QueueConfig":
+                     spill_file_pairs: int = 8192, durability: str | Durability = "memory",
+                     fsync_interval_ms: float = 100, journal_segment_bytes: int = 16 << 20) -> "QueueConfig":
         """Raises ValueError naming the first bad option and its value.
 
         ``backlog_batch_pairs`` (what one write may take when more than one
@@ -62,6 +72,15 @@ class QueueConfig:
         """
         capped = max_batch_pairs is not None
         max_batch_pairs = 256 if max_batch_pairs is None else max_batch_pairs
+        try:
+            durability = Durability(durability)
+        except ValueError:
+            raise ValueError(f"durability must be one of {', '.join(repr(d.value) for d in Durability)}, "
+                             f"got {durability!r}") from None
+        if exit_timeout is None:
+            exit_timeout = 0.0 if durability.journaled else 2.0
+        _number("fsync_interval_ms", fsync_interval_ms)
+        _count("journal_segment_bytes", journal_segment_bytes)
         for name, value in (("coalesce_ms", coalesce_ms), ("exit_timeout", exit_timeout),
                             ("retry_initial_s", retry_initial_s), ("retry_max_s", retry_max_s),
                             ("idle_replay_s", idle_replay_s)):
@@ -81,4 +100,6 @@ class QueueConfig:
             # Resolved now, not at first spill: the environment may change later.
             spill_dir=Path(spill_dir) if spill_dir is not None else default_spill_dir(),
             backlog_batch_pairs=max(max_batch_pairs, backlog_batch_pairs if backlog_batch_pairs is not None
-                                    else max_batch_pairs if capped else replay_batch_pairs))
+                                    else max_batch_pairs if capped else replay_batch_pairs),
+            durability=durability, fsync_interval_s=max(fsync_interval_ms, 1) / 1000.0,
+            journal_segment_bytes=max(journal_segment_bytes, 4096))

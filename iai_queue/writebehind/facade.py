@@ -9,6 +9,12 @@ Guarantee 9 (exit): ``start()`` registers the queue's exit handler with
 kept alive by atexit. The handler waits at most ``exit_timeout`` seconds for
 the store, then spills, and never raises. (CPython before 3.12 keeps an empty
 slot per unregistered handler: 8 bytes per start/stop.)
+
+Write-ahead mode (``durability`` other than ``"memory"``, see
+:mod:`.journaling`): ``enqueue`` is :meth:`JournaledAdmission.enqueue`;
+``stop()`` leaves what the store has not taken in the journal instead of
+spilling it (only calls the journal refused are spilled), and the exit
+handler does not wait for the store (``exit_timeout`` defaults to 0).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 from ..envconfig import resolve_queue_options
+from ..journal import Durability, JournalWriter
 from ..events import RateLimiter, emit
 from ..pairs import EntryIds, ProvenanceBatch, ProvenanceSink
 from ..spill import SpillDirectory
@@ -29,6 +36,8 @@ from .admission import Admission, Route, seen_chunk
 from .chunks import Chunk, HeldChunk, chunk_parts, chunk_seq
 from .config import QueueConfig
 from .delivery import Delivery
+from .journal_replay import JournalReplayer
+from .journaling import JournaledAdmission, JournalThread
 from .ledger import Ledger
 from .lifecycle import Abandoned, Backoff, GiveUp, Lifecycle, StopSignal
 from .quarantine import Quarantine
@@ -79,6 +88,12 @@ class ProvenanceWriteQueue:
     spill_file_pairs = _option("spill_file_pairs")
     spill_dir = _option("spill_dir")
     backlog_batch_pairs = _option("backlog_batch_pairs")
+    fsync_interval_s = _option("fsync_interval_s")
+
+    @property
+    def durability(self) -> str:
+        """The ``durability`` option: ``"memory"``, ``"process"``, ``"fsync-interval"`` or ``"fsync-always"``."""
+        return self._cfg.durability.value
 
     def __init__(self, store: ProvenanceSink, *, coalesce_ms: Optional[float] = None,
                  max_queue_size: Optional[int] = None, max_batch_pairs: Optional[int] = None,
@@ -86,17 +101,20 @@ class ProvenanceWriteQueue:
                  exit_timeout: Optional[float] = None, retry_initial_s: Optional[float] = None,
                  retry_max_s: Optional[float] = None, idle_replay_s: Optional[float] = None,
                  replay_batch_pairs: Optional[int] = None, spill_file_pairs: Optional[int] = None,
-                 backlog_batch_pairs: Optional[int] = None):
+                 backlog_batch_pairs: Optional[int] = None, durability: Optional[str] = None,
+                 fsync_interval_ms: Optional[float] = None):
         """Options not given come from ``IAI_QUEUE_<OPTION>`` (see :mod:`iai_queue.envconfig`), else the
         defaults of :class:`~iai_queue.writebehind.config.QueueConfig` (``coalesce_ms=50``,
         ``max_queue_size=4096``, ``max_batch_pairs=256``, ``exit_timeout=2.0``, …).
+        ``durability="process"`` (or ``"fsync-interval"``, ``"fsync-always"``) journals every call before
+        ``enqueue`` returns; ``fsync_interval_ms`` (default 100) is the group-commit window.
         Raises ValueError naming a bad option (or variable) and its value."""
         self._cfg = QueueConfig.from_options(**resolve_queue_options(dict(
             coalesce_ms=coalesce_ms, max_queue_size=max_queue_size, max_batch_pairs=max_batch_pairs,
             spill_dir=spill_dir, max_memory_pairs=max_memory_pairs, exit_timeout=exit_timeout,
             retry_initial_s=retry_initial_s, retry_max_s=retry_max_s, idle_replay_s=idle_replay_s,
             replay_batch_pairs=replay_batch_pairs, spill_file_pairs=spill_file_pairs,
-            backlog_batch_pairs=backlog_batch_pairs)))
+            backlog_batch_pairs=backlog_batch_pairs, durability=durability, fsync_interval_ms=fsync_interval_ms)))
         self._store = store
         self._init_state()
         _live_queues.add(self)
@@ -117,14 +135,33 @@ class ProvenanceWriteQueue:
         delivery = self._delivery = Delivery(lock, ledger, self._write_to_store, backoff, warn, quarantine.pairs)
         replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn,
                             batch_pairs=cfg.replay_batch_pairs, retry_unreadable_s=cfg.idle_replay_s)
+        self._journal: Optional[JournaledAdmission] = None
+        journal_idle = None
+        if cfg.durability.journaled:  # write-ahead mode (journaling.py); memory mode never gets here
+            journal = self._journal = JournaledAdmission(
+                adm, lock, ledger, warn, lambda: JournalWriter(spill, ids.prefix, cfg.durability,
+                                                               segment_bytes=cfg.journal_segment_bytes,
+                                                               fsync_interval_s=cfg.fsync_interval_s,
+                                                               retry_s=cfg.retry_max_s),
+                cfg.durability, cfg.max_memory_pairs)
+            self.enqueue = journal.enqueue
+            jreplay = self._journal_replayer = JournalReplayer(
+                lock, ledger, spill, delivery, warn, batch_pairs=cfg.replay_batch_pairs,
+                retry_unreadable_s=cfg.idle_replay_s,
+                live_names=lambda: {s.path.name for s in journal.writer.segments}, own_prefix=lambda: ids.prefix)
+
+            def journal_idle(stop: StopSignal) -> bool:
+                return jreplay.replay_some(stop) or journal.refill(
+                    lambda: bool(jreplay.orphans()) or bool(spill.replayable()))
         self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, replayer, spill,
-                                   self._maintenance_call, warn)
+                                   self._maintenance_call, warn, journal_idle)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
         self._spill_loop = SpillThread(lock, cfg, adm, self._spiller, backoff)
         self._warn = warn
         self._stop = StopSignal()  # the current run's
         self._worker: Optional[threading.Thread] = None
         self._spill_thread: Optional[threading.Thread] = None
+        self._journal_thread: Optional[threading.Thread] = None
         self._left_on_disk = False
         self._successor: Optional[Callable[[list], None]] = None
         self._retired = False  # disabled by the store: start() refuses
@@ -188,6 +225,9 @@ class ProvenanceWriteQueue:
             stop = self._stop = StopSignal()
             # Spill files of our store already waiting: new entries go behind them.
             behind = adm.route is not Route.MEMORY or bool(self._spill.replayable())
+            if self._journal is not None:  # write-ahead: behind them in the journal's backlog instead
+                self._journal.start(hold=behind or bool(self._journal_replayer.orphans()))
+                behind = False
             self._spill.record_store()
             adm.set_locked(state=Lifecycle.RUNNING, route=Route.BEHIND_SPILL if behind else Route.MEMORY)
             self._worker = threading.Thread(target=self._supervised, args=("worker", self._worker_loop.run, stop),
@@ -197,6 +237,12 @@ class ProvenanceWriteQueue:
                                                   name="iai_queue-spill", daemon=True)
             self._worker.start()
             self._spill_thread.start()
+            if self._journal is not None:
+                interval = self._cfg.fsync_interval_s if self._cfg.durability.fsyncs else 1.0
+                loop = JournalThread(self._journal, lambda: self._done_seq(), interval)
+                self._journal_thread = threading.Thread(target=self._supervised, args=("journal", loop.run, stop),
+                                                        name="iai_queue-journal", daemon=True)
+                self._journal_thread.start()
         # Per start(), by contract: hosts capture the handler from atexit.register.
         atexit.register(self._at_exit)
         return self
@@ -220,6 +266,7 @@ class ProvenanceWriteQueue:
             adm.set_locked(state=Lifecycle.CLOSING, route=Route.CLOSED)
             stop, deadline = self._stop, time.monotonic() + timeout
             stop.request(deadline)  # in the same step: a closed-route caller reads the deadline it waits on
+        held_back = self._journal.close_admission() if self._journal is not None else []
         adm.worker_wake.set()
         with self._lock:
             adm.spill_room.notify_all()
@@ -231,12 +278,18 @@ class ProvenanceWriteQueue:
             stop.abandoned = True
             older: list[Chunk] = [seen_chunk(b, b.entry_ids) for b in self._delivery.take_over_locked()]
             older += adm.take_all_pending_locked()
+        if self._journal is not None:  # journaled calls stay in the journal; only the others are spilled
+            older = self._journal.only_unjournaled(older, self._ids.prefix) + held_back
         if older:
             self._spiller.spill_or_drop(older, before_own_files=True)
         if started and spill_thread is not None:
             adm.spill_wake.set()
             spill_thread.join(max(1.0, deadline - time.monotonic()))
         own_files = bool(self._spill.own_files())
+        if self._journal is not None:
+            if self._journal_thread is not None:
+                self._journal_thread.join(1.0)
+            own_files = self._journal.close(self._done_seq()) or own_files
         with self._lock:
             # One step: enqueues waiting on the closed route go on once the rest is ours.
             rest = adm.take_spill_buffer_locked()
@@ -252,6 +305,29 @@ class ProvenanceWriteQueue:
             emit(log, logging.WARNING, "exit.spilled", dir=str(self._cfg.spill_dir))
         return done
 
+    def _done_seq(self) -> int:
+        with self._lock:
+            return self._ledger.written_seq
+
+    def sync(self, timeout: float = 2.0) -> bool:
+        """Write-ahead mode: block until every call enqueued before this one is fsynced to the journal.
+
+        True when it is (calls the journal refused are not counted); False on
+        timeout. In memory mode there is no journal: returns False at once.
+        """
+        journal = self._journal
+        if journal is None:
+            return False
+        writer = journal.writer
+        with writer.lock:
+            target = writer.appended_seq
+        try:
+            if not writer.durability.fsyncs and not writer.closed:
+                writer.sync()  # "process": no thread fsyncs on a timer, so do it here
+        except OSError:
+            return False
+        return writer.wait_synced(target, timeout)
+
     def _closed_route(self, chunk: Chunk) -> None:
         """A chunk that arrived with the route closed: a new queue's first use, or during or after stop()."""
         adm = self._admission
@@ -261,9 +337,16 @@ class ProvenanceWriteQueue:
                 wait_s = min(max(0.0, self._stop.deadline - time.monotonic()), 3600.0) + CLOSING_WAIT_MARGIN_S
                 self._ledger.done_advanced.wait_for(lambda: adm.state is not Lifecycle.CLOSING, wait_s)
             state = adm.state
-        if state is Lifecycle.NEW:
+        if state is Lifecycle.NEW:  # the first use starts the queue; the call goes through its enqueue
             self.start()
-        if state in (Lifecycle.NEW, Lifecycle.RUNNING):
+            pairs, _, _ = chunk_parts(chunk, self._ids)
+            try:
+                self.enqueue(list(pairs))  # the bound one: journaled in a write-ahead mode
+            finally:
+                with self._lock:
+                    self._ledger.mark_done((chunk_seq(chunk),))  # its first number is not used
+            return
+        if state is Lifecycle.RUNNING:
             adm.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
             return
         # After stop() (or a stop() that overran its bound): the queue that replaced this
@@ -405,6 +488,23 @@ class ProvenanceWriteQueue:
             in_memory = adm.in_memory_pairs_locked()
             pending = in_memory + self._delivery.in_memory_pairs_locked()
             age = time.monotonic() - self._worker_loop.last_empty if pending else 0.0
-            return QueueStats(accepted=ledger.taken + ledger.accepted_elsewhere + in_memory, pending=pending,
-                              spill_buffered=adm.spill_buffer_pairs + adm.spill_in_flight,
-                              oldest_pending_age_s=age, last_write_s=ledger.last_write_s, **ledger.n)
+            counts = dict(accepted=ledger.taken + ledger.accepted_elsewhere + in_memory, pending=pending,
+                          spill_buffered=adm.spill_buffer_pairs + adm.spill_in_flight,
+                          oldest_pending_age_s=age, last_write_s=ledger.last_write_s, **ledger.n)
+        if self._journal is not None:
+            counts.update(self._journal_stats())
+            counts["accepted"] += counts["journal_backlog"] + self._journal.after_backlog_pairs
+        return QueueStats(**counts)
+
+    def _journal_stats(self) -> dict:
+        journal, writer = self._journal, self._journal.writer
+        with writer.lock:
+            segments = [s for s in writer.segments if not s.unlinked]
+            out = dict(journal_fallbacks=journal.fallbacks, journal_bytes=sum(s.size for s in segments),
+                       journal_segments=len(segments), journal_backlog=journal.backlog_pairs,
+                       fsync_lag_s=round(writer.fsync_lag_s(), 6))
+            backlog_age = journal.oldest_backlog_age_s()
+        mtime = self._journal_replayer.oldest_orphan_mtime
+        orphan_age = max(0.0, time.time() - mtime) if mtime is not None else 0.0
+        out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
+        return out

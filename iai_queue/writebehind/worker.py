@@ -36,7 +36,8 @@ log = logging.getLogger("iai_queue.queue")
 class Worker:
     def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger, ids: EntryIds,
                  admission: Admission, delivery: Delivery, replayer: Replayer, directory: SpillDirectory,
-                 maintain: Callable[[], Optional[Callable[[], Any]]], warn: RateLimiter):
+                 maintain: Callable[[], Optional[Callable[[], Any]]], warn: RateLimiter,
+                 journal_idle: Optional[Callable[[StopSignal], bool]] = None):
         self.lock = lock
         self.cfg = cfg
         self.ledger = ledger
@@ -47,6 +48,7 @@ class Worker:
         self.directory = directory
         self.maintain = maintain  # returns the store's maintain(), looked up at call time, or None
         self.warn = warn
+        self.journal_idle = journal_idle  # write-ahead mode: orphan journals, then the backlog (journaling.py)
         self.last_empty = time.monotonic()  # when the worker last found memory empty
 
     def run(self, stop: StopSignal) -> None:
@@ -114,6 +116,8 @@ class Worker:
     def _idle_work(self, stop: StopSignal) -> bool:
         """Called when memory is empty. True when it did something."""
         if self.replayer.replay_some(stop):
+            return True
+        if self.journal_idle is not None and self.journal_idle(stop):
             return True
         adm = self.admission
         if adm.route is not Route.BEHIND_SPILL:

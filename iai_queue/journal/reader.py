@@ -1,0 +1,153 @@
+"""Reading a segment back: every complete record in order, and every damaged span with its reason.
+
+Torn-record policy (what "after the damage" means)
+    A record is good when its frame is complete, its CRC-32 matches, and its
+    payload is ``[seq, [[record_id, entry], ...]]`` with ``seq`` above the
+    previous good record's. At the first record that is not, the reader
+    reports :class:`Damage` from that offset and *resynchronises* as LevelDB's
+    log reader does after a bad block: it looks at every later byte offset for
+    the next good record (complete frame, matching checksum, valid payload,
+    larger seq) and goes on from there. The damaged span — the bytes between
+    the two — is reported byte for byte for quarantine; records after it are
+    read as usual. With no good record after it, the damage runs to the end
+    of the file (a torn tail: the writer died inside a write, or the machine
+    lost power before the page cache reached the disk).
+
+Nothing here writes or deletes; the caller decides (see the journal replayer).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..jsoncodec import decode
+from .format import FRAME, RECORD_MAX, JournalHeader, decode_header
+
+__all__ = ["Damage", "Record", "SegmentScan", "read_segment_bytes", "scan_records", "scan_segment"]
+
+_FRAME = FRAME.size
+_unpack = FRAME.unpack_from
+_crc = zlib.crc32
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int
+    end: int
+    seq: int
+    items: list  # [[record_id str, entry dict], ...]
+
+
+@dataclass(frozen=True)
+class Damage:
+    offset: int
+    end: int  # exclusive: the next good record starts here, or the end of the file
+    reason: str
+
+
+@dataclass
+class SegmentScan:
+    """What a segment holds: its header (None when the start itself is damaged), records and damage."""
+
+    header: Optional[JournalHeader]
+    records: list[Record] = field(default_factory=list)
+    damage: list[Damage] = field(default_factory=list)
+    size: int = 0
+
+
+def _payload_problem(obj, last_seq: int) -> Optional[str]:
+    if type(obj) is not list or len(obj) != 2:
+        return "payload is not [seq, items]"
+    seq, items = obj
+    if type(seq) is not int or seq <= last_seq:
+        return f"seq {seq!r} does not follow {last_seq}"
+    if type(items) is not list or not items:
+        return "items missing or empty"
+    for it in items:
+        if type(it) is not list or len(it) != 2 or type(it[0]) is not str or len(it[0]) != 36 \
+                or type(it[1]) is not dict:
+            return f"item is not [canonical uuid, entry]: {str(it)[:120]}"
+    return None
+
+
+def _record_at(data, pos: int, last_seq: int) -> Record | str:
+    n = len(data)
+    if n - pos < _FRAME:
+        return f"torn frame: {n - pos} bytes at the end, fewer than the {_FRAME}-byte frame"
+    length, crc = _unpack(data, pos)
+    if length == 0 or length > RECORD_MAX:
+        return f"bad record length {length}"
+    end = pos + _FRAME + length
+    if end > n:
+        return f"torn record: length {length}, only {n - pos - _FRAME} bytes follow"
+    payload = data[pos + _FRAME:end]
+    if _crc(payload) != crc:
+        return "checksum mismatch"
+    try:
+        obj = decode(payload)
+    except ValueError as exc:
+        return f"payload is not JSON: {exc}"
+    problem = _payload_problem(obj, last_seq)
+    if problem is not None:
+        return problem
+    return Record(pos, end, obj[0], obj[1])
+
+
+def _resync(data, start: int, last_seq: int) -> Optional[Record]:
+    """The first good record at an offset >= ``start``, or None."""
+    n = len(data)
+    for p in range(start, n - _FRAME):
+        length = _unpack(data, p)[0]
+        if length == 0 or p + _FRAME + length > n:
+            continue  # cheap filter: most offsets fail here
+        rec = _record_at(data, p, last_seq)
+        if rec.__class__ is Record:
+            return rec
+    return None
+
+
+def scan_records(data, pos: int, last_seq: int = 0, resync: bool = True) -> tuple[list[Record], list[Damage]]:
+    """Records from ``pos`` to the end of ``data``, and the damaged spans between them.
+
+    ``resync=False``: stop at the first damage (reading a live segment in bounded pieces).
+    """
+    data = memoryview(data)
+    records: list[Record] = []
+    damage: list[Damage] = []
+    n = len(data)
+    while pos < n:
+        rec = _record_at(data, pos, last_seq)
+        if rec.__class__ is Record:
+            records.append(rec)
+            pos, last_seq = rec.end, rec.seq
+            continue
+        nxt = _resync(data, pos + 1, last_seq) if resync else None
+        end = n if nxt is None else nxt.offset
+        damage.append(Damage(pos, end, f"{rec} at offset {pos}"
+                             + ("" if nxt is None else f"; next good record at offset {end}")))
+        pos = end
+    return records, damage
+
+
+def read_segment_bytes(path: Path) -> bytes:
+    """A segment's bytes: regular files only, never following a symlink, never blocking on a FIFO."""
+    from ..spill.codec import open_regular
+
+    with open_regular(path) as f:
+        return f.read()
+
+
+def scan_segment(path: os.PathLike[str] | str, data: Optional[bytes] = None, after_seq: int = 0) -> SegmentScan:
+    """The whole segment judged as recovery would; ``data``: its bytes, if already read."""
+    data = read_segment_bytes(Path(path)) if data is None else data
+    head = decode_header(data)
+    if isinstance(head, str):
+        return SegmentScan(None, [], [Damage(0, len(data), head)], len(data))
+    header, pos = head
+    records, damage = scan_records(data, pos, 0)
+    del after_seq  # records at or below a checkpoint are the caller's to skip
+    return SegmentScan(header, records, damage, len(data))

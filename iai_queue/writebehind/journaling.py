@@ -1,0 +1,301 @@
+"""Write-ahead mode: ``enqueue`` journals each call before it returns; memory is only a cache.
+
+Chosen at construction (``durability`` other than ``"memory"``): the facade
+binds :meth:`JournaledAdmission.enqueue` as the queue's ``enqueue``, so memory
+mode's hot path (:meth:`Admission.enqueue`) is not touched at all.
+
+Guarantee (write-ahead): when ``enqueue`` returns, the call is a whole record
+in the journal (:mod:`iai_queue.journal`): it reaches the store even if the
+process dies next — replayed by the next queue on the store, exactly once
+(entry ids verified), in order per record.
+
+Memory is a cache: a call goes to memory too while memory has room and no
+backlog waits. Once memory is full the calls stay on disk only (the
+*backlog*); the worker re-reads them, in order, when memory is empty, and
+calls go to memory again once it has caught up. Nothing spills.
+
+At start, while journals of dead writers or spill files of the store wait,
+new calls wait in the backlog behind them (order per record).
+
+When the journal cannot be written (ENOSPC, EROFS, a removed directory):
+``enqueue`` still accepts — the call takes memory mode's path (memory, then
+the spill directory), counted in ``stats().journal_fallbacks`` and logged at
+ERROR (rate-limited); the journal is tried again after ``retry_s`` and
+journaling resumes once the disk takes it. Calls that arrive while a backlog
+waits are held behind it (``after_backlog``), so order is kept there too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional
+from uuid import UUID
+
+from ..events import RateLimiter
+from ..journal import Durability, JournalWriter, Segment
+from ..pairs import validate_pairs
+from .admission import Admission
+from .chunks import chunk_len, chunk_seq
+from .ledger import Ledger
+from .lifecycle import StopSignal
+
+__all__ = ["JournaledAdmission", "JournalThread"]
+
+log = logging.getLogger("iai_queue.queue")
+
+SYNC_WAIT_S = 10.0  # fsync-always: enqueue waits at most this long for its fsync, then returns (logged)
+REFILL_BYTES = 4 << 20  # the most the worker reads from the journal per refill
+
+
+class JournaledAdmission:
+    """The journal's side of admission: the write-ahead ``enqueue``, the backlog, and stop()'s hooks."""
+
+    def __init__(self, admission: Admission, lock: threading.Lock, ledger: Ledger, warn: RateLimiter,
+                 new_writer: Callable[[], JournalWriter], durability: Durability, max_memory_pairs: int):
+        self.adm = admission
+        self.lock = lock  # the queue's lock (order: writer.lock, then this one)
+        self.ledger = ledger
+        self.warn = warn
+        self.new_writer = new_writer
+        self.always = durability is Durability.FSYNC_ALWAYS
+        self.max_queue_size = admission.max_queue_size
+        self.max_memory_pairs = max_memory_pairs
+        self.writer: JournalWriter = new_writer()
+        self.accepting = False  # the journal takes calls (set by start(), cleared by stop())
+        self.backlog: Optional[tuple[Segment, int]] = None  # the first journaled call not in memory
+        self.backlog_seq = 0  # calls up to this one are in memory already (or were)
+        self.backlog_pairs = 0
+        self.backlog_since = 0.0
+        self.hold = False  # the backlog waits for older entries on disk (dead writers' journals, spill files)
+        self.after_backlog: deque = deque()  # unjournaled calls that came while a backlog waited
+        self.after_backlog_pairs = 0
+        self.unjournaled: set[int] = set()  # seqs of calls in memory that the journal does not hold
+        self.fallbacks = 0
+
+    # -- the hot path ------------------------------------------------------------------
+
+    def enqueue(self, pairs: list) -> None:
+        # Admission.enqueue's validation, inlined the same way for the common case.
+        if type(pairs) is list:
+            items = tuple(pairs)
+            for p in items:
+                if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
+                    items = validate_pairs(pairs)
+                    break
+        else:
+            items = validate_pairs(pairs)
+        if not items:
+            return
+        adm = self.adm
+        if not adm._fast:
+            adm._enqueue_locked((adm.next_seq(), items))
+            return
+        writer = self.writer
+        with writer.lock:
+            seq = adm.next_seq()
+            if self.accepting:
+                try:
+                    seg, offset = writer.append_locked(seq, items)
+                except (OSError, TypeError) as exc:
+                    chunk = self._unjournaled_locked(seq, items, exc)
+                else:
+                    pending = adm.pending
+                    if self.backlog is None and len(pending) < self.max_queue_size:
+                        pending.append((seq, items))
+                        if len(pending) >= adm.wake_threshold:
+                            adm.worker_wake.set()
+                    else:
+                        if self.backlog is None:
+                            self.backlog, self.backlog_seq, self.backlog_since = (seg, offset), seq - 1, \
+                                time.monotonic()
+                        self.backlog_pairs += len(items)
+                        if not pending:
+                            adm.worker_wake.set()
+                    chunk = None
+                    if not self.always:
+                        return
+            else:
+                chunk = (seq, items)  # stop() began: the closed route takes it
+                self.unjournaled.add(seq)
+        if chunk is not None:
+            adm._enqueue_locked(chunk)
+        elif not writer.wait_synced(seq, SYNC_WAIT_S):
+            self.warn.emit(log, logging.ERROR, "journal.fsync_slow", key="fsync", wait_s=SYNC_WAIT_S)
+
+    def _unjournaled_locked(self, seq: int, items: tuple, exc: Exception) -> Optional[tuple]:
+        """The journal refused a call: memory mode's path for it (writer lock held). Returns the chunk
+        for the caller to admit after the lock, or None when it waits behind the backlog."""
+        self.unjournaled.add(seq)
+        if isinstance(exc, OSError):
+            self.fallbacks += 1
+            self.warn.emit(log, logging.ERROR, "journal.failed", key="journal", error=str(exc)[:300],
+                           fallbacks=self.fallbacks, reason="the journal cannot be written: entries stay in "
+                           "memory (memory mode) until it can")
+        chunk = (seq, items)
+        if self.backlog is None:
+            return chunk
+        self.after_backlog.append(chunk)
+        self.after_backlog_pairs += len(items)
+        return None
+
+    # -- start, and the worker's idle work ------------------------------------------------------
+
+    def start(self, hold: bool) -> None:
+        """A new run: a fresh writer and its first segment. Failing to open it is a fallback, not an error."""
+        writer = self.writer = self.new_writer()
+        try:
+            writer.open()
+        except OSError as exc:
+            with writer.lock:
+                writer._failed_locked(exc)
+            self.warn.emit(log, logging.ERROR, "journal.failed", key="journal", error=str(exc)[:300],
+                           reason="cannot open the journal: entries stay in memory until it can be written")
+        with writer.lock:
+            self.accepting = True
+            self.hold = hold
+            seg = writer.current
+            if hold and seg is not None:
+                self.backlog, self.backlog_seq, self.backlog_since = (seg, seg.data_start), 0, time.monotonic()
+
+    def refill(self, older_waiting: Callable[[], bool]) -> bool:
+        """Memory is empty: move backlog calls from the journal into memory. True when it moved any."""
+        writer = self.writer
+        with writer.lock:
+            if self.backlog is None:
+                return False
+            if self.hold:
+                if older_waiting():
+                    return False
+                self.hold = False
+            seg, offset = self.backlog
+            end = min(seg.size, offset + REFILL_BYTES)
+        records, _ = writer.read_records(seg, offset, end)
+        if not records and end < seg.size:  # one record larger than REFILL_BYTES
+            records, _ = writer.read_records(seg, offset)
+        room = self.max_queue_size - len(self.adm.pending)
+        taken = []
+        new_offset = offset
+        for r in records:
+            if r.seq <= self.backlog_seq:  # a copy written after its segment was removed: in memory already
+                new_offset = r.end
+                continue
+            if len(taken) >= room:
+                break
+            taken.append(r)
+            new_offset = r.end
+        moved = 0
+        with writer.lock:
+            pending = self.adm.pending
+            for r in taken:
+                pending.append((r.seq, r.items))
+                moved += len(r.items)
+            self.backlog_pairs -= moved
+            if taken:
+                self.backlog_seq = taken[-1].seq
+            self._advance_locked(seg, new_offset)
+        return bool(taken) or self.backlog is None
+
+    def _advance_locked(self, seg: Segment, offset: int) -> None:
+        writer = self.writer
+        if offset < seg.size:
+            self.backlog = (seg, offset)
+            return
+        segs = writer.segments
+        later = [s for i, s in enumerate(segs) if i > 0 and segs[i - 1] is seg]
+        if seg is writer.current or not later:
+            self._caught_up_locked()
+        else:
+            self.backlog = (later[0], later[0].data_start)
+
+    def _caught_up_locked(self) -> None:
+        """Every journaled call is in memory (or done): calls go to memory again, after the held ones."""
+        self.backlog = None
+        self.backlog_pairs = 0
+        pending = self.adm.pending
+        while self.after_backlog:
+            pending.append(self.after_backlog.popleft())
+        self.after_backlog_pairs = 0
+
+    def backlog_segment(self, seg: Segment) -> bool:
+        b = self.backlog
+        return b is not None and b[0] is seg
+
+    # -- stop()'s hooks ---------------------------------------------------------------------
+
+    def close_admission(self) -> list:
+        """stop() began: no more journaled calls; returns the held calls (unjournaled) for stop() to spill."""
+        with self.writer.lock:
+            self.accepting = False
+            held = list(self.after_backlog)
+            self.after_backlog.clear()
+            self.after_backlog_pairs = 0
+            return held
+
+    def only_unjournaled(self, chunks: list, prefix: str) -> list:
+        """Of chunks taken back at stop, the ones the journal does not hold (the rest stay on disk)."""
+        out = []
+        for c in chunks:
+            seq = chunk_seq(c)
+            if seq > 0:
+                if seq in self.unjournaled:
+                    out.append(c)
+                continue
+            # Pairs taken over from the worker carry entry ids "<prefix><seq:x>.<i>": keep the unjournaled.
+            from .chunks import HeldChunk
+
+            keep = [i for i, eid in enumerate(c.entry_ids[c.start:], c.start)
+                    if not eid.startswith(prefix) or int(eid[len(prefix):].split(".")[0], 16) in self.unjournaled]
+            if keep:
+                out.append(HeldChunk(-1, tuple(c.items[i] for i in keep), 0, [c.entry_ids[i] for i in keep], True))
+        return out
+
+    def close(self, done_seq: int) -> bool:
+        """The run is over: fsync, checkpoint, close. True when journaled calls remain on disk."""
+        writer = self.writer
+        writer.close(done_seq)
+        with writer.lock:
+            self.backlog = None
+            self.backlog_pairs = 0
+            self.hold = False
+        self.unjournaled.clear()
+        return bool(writer.remaining_after_close)
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def waiting_pairs(self) -> int:
+        return self.backlog_pairs + self.after_backlog_pairs
+
+    def in_memory_pairs(self) -> int:
+        return self.after_backlog_pairs
+
+    def oldest_backlog_age_s(self) -> float:
+        return time.monotonic() - self.backlog_since if self.backlog is not None else 0.0
+
+
+class JournalThread:
+    """Group commit and housekeeping: fsync every interval (fsync modes), notice a removed directory,
+    checkpoint the done-watermark and delete segments the store has."""
+
+    def __init__(self, journal: JournaledAdmission, done_seq: Callable[[], int], interval_s: float):
+        self.journal = journal
+        self.done_seq = done_seq
+        self.interval_s = interval_s
+
+    def run(self, stop: StopSignal) -> None:
+        writer = self.journal.writer
+        fsyncs = writer.durability.fsyncs
+        while not stop.requested.is_set():
+            writer.sync_wanted.wait(self.interval_s)
+            writer.sync_wanted.clear()
+            if stop.requested.is_set():
+                return
+            try:
+                if fsyncs:
+                    writer.sync()
+                writer.check_linked()
+                writer.retire(self.done_seq(), in_use=self.journal.backlog_segment)
+            except OSError as exc:  # the disk: logged, tried again next round
+                self.journal.warn.emit(log, logging.ERROR, "journal.sync_failed", key="sync", error=str(exc)[:300])

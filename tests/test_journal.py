@@ -1,0 +1,408 @@
+"""Write-ahead mode (issue 11): real processes, real SIGKILL, real files, a real small filesystem.
+
+The entry ``{"c": child, "n": k}`` identifies every enqueue call; a child reports
+``acked upto=k`` only after ``enqueue`` for k has returned, so every acked call
+must be in the store exactly once, whatever happened after.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from iai_queue import MemoryStore, ProvenanceWriteQueue
+from iai_queue.journal import Durability, JournalWriter, scan_segment
+from iai_queue.journal.format import MAGIC
+from iai_queue.spill import SpillDirectory, status
+from iai_queue.writebehind.journal_replay import JournalReplayer
+from iai_queue.writebehind.lifecycle import StopSignal
+
+from _proc_helpers import Reader, wait_for
+
+
+def wait_until(cond, timeout, what):
+    return wait_for(cond, timeout, interval=0.05, what=what)
+
+from conftest import make_records
+
+CHILD = str(Path(__file__).resolve().parent / "_journal_child.py")
+
+
+def spawn(**args) -> Reader:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, CHILD, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+    return Reader(proc)
+
+
+def last_ack(r: Reader) -> int:
+    acks = r.of("acked")
+    return acks[-1]["upto"] if acks else -1
+
+
+def entries(store, ids) -> dict[str, list[tuple]]:
+    return {str(rid): [(e["c"], e["n"]) for e in store.get(rid).provenance] for rid in ids}
+
+
+def check_landed(store, ids, acked: dict, across_children: bool = True) -> int:
+    """Every acked (c, n) once; nothing twice (rows counted); per record in n order per child, and in
+    child order too when the children ran one after another (``across_children``). Returns rows."""
+    got = entries(store, ids)
+    seen = defaultdict(int)
+    for rid, lst in got.items():
+        for cn in lst:
+            seen[cn] += 1
+        if across_children:
+            assert lst == sorted(lst), f"record {rid}: order broken: {lst[:40]}"
+        for c in {c for c, _ in lst}:
+            mine = [n for cc, n in lst if cc == c]
+            assert mine == sorted(mine), f"record {rid}, child {c}: order broken: {mine[:40]}"
+    dup = [cn for cn, k in seen.items() if k > 1]
+    assert not dup, f"duplicates: {dup[:10]}"
+    missing = [(c, n) for c, upto in acked.items() for n in range(upto + 1) if (c, n) not in seen]
+    assert not missing, f"{len(missing)} acked entries missing, e.g. {missing[:10]}"
+    assert store.provenance_rows() == len(seen), f"{store.provenance_rows()} rows for {len(seen)} entries"
+    return len(seen)
+
+
+def drain(store, spill_dir, timeout=30.0) -> None:
+    """A queue of this process replays every orphan journal and spill file, then stops."""
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process").start()
+    try:
+        wait_until(lambda: not [n for n in os.listdir(spill_dir) if n.endswith((".wal", ".jsonl", ".claimed"))
+                                and "failed" not in n and q._spill.writer not in n] and q.flush(1.0),
+                   timeout, "the journals to be replayed")
+    finally:
+        q.stop(5.0)
+
+
+@pytest.fixture
+def ids(store):
+    recs = make_records(6)
+    store.insert_many(recs)
+    return [r.id for r in recs]
+
+
+# -- SIGKILL at random moments ------------------------------------------------------------
+
+def kill_run(store, ids, spill_dir, kills: int, seed: int) -> dict:
+    rnd = random.Random(seed)
+    acked = {}
+    for c in range(kills):
+        r = spawn(db=str(store.path), spill_dir=str(spill_dir), ids=[str(i) for i in ids], tag=c,
+                  outages=True, opts={"durability": "process", "max_queue_size": 16})
+        r.wait_event("acked", 30)
+        time.sleep(rnd.uniform(0.05, 0.5))
+        r.proc.send_signal(signal.SIGKILL)
+        r.finish(10)
+        acked[c] = last_ack(r)
+    return acked
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(store, ids, spill_dir):
+    acked = kill_run(store, ids, spill_dir, kills=8, seed=11)
+    assert sum(v + 1 for v in acked.values()) > 100
+    drain(store, spill_dir)
+    landed = check_landed(store, ids, acked)
+    assert landed >= sum(v + 1 for v in acked.values())
+
+
+# -- torn and damaged journals --------------------------------------------------------------
+
+PREFIX = "qtest-"
+
+
+def write_dead_journal(spill_dir: Path, store, ids, records: int) -> tuple[Path, list]:
+    """A journal segment as a dead writer leaves it: records ``n=0..records-1``, the lock released."""
+    d = SpillDirectory(spill_dir, store_path=store.path)
+    w = JournalWriter(d, PREFIX, Durability.PROCESS)
+    w.open()
+    offsets = []
+    with w.lock:
+        for n in range(records):
+            seg, off = w.append_locked(n + 1, ((ids[n % len(ids)], {"c": 0, "n": n}),))
+            offsets.append(off)
+    path = w.current.path
+    for s in w.segments:
+        os.close(s.fd)
+    d.release()  # the writer is gone
+    return path, offsets + [path.stat().st_size]
+
+
+@pytest.mark.timeout(60)
+def test_journal_cut_at_every_byte_of_its_last_records(store, ids, tmp_path):
+    spill_dir = tmp_path / "cut"
+    path, bounds = write_dead_journal(spill_dir, store, ids, 12)
+    whole = path.read_bytes()
+    first_cut = bounds[-4]
+    for cut in range(first_cut, len(whole) + 1):
+        scan = scan_segment(path, whole[:cut])
+        complete = sum(1 for b in bounds[1:] if b <= cut)  # records whose last byte is before the cut
+        assert [r.items[0][1]["n"] for r in scan.records] == list(range(complete)), cut
+        if cut in bounds:
+            assert not scan.damage, cut
+        else:
+            (d,) = scan.damage
+            assert (d.offset, d.end) == (bounds[complete], cut) and "torn" in d.reason, (cut, d)
+    # Replayed for real at a cut inside a frame, inside a payload, and at a record boundary.
+    for cut in (first_cut + 3, bounds[-2] + 20, bounds[-2]):
+        spill_dir.joinpath(path.name).write_bytes(whole[:cut])
+        before = store.provenance_rows()
+        r = JournalReplayer.for_store(store, spill_dir)
+        assert r.replay_all(StopSignal()) == 1
+        complete = sum(1 for b in bounds[1:] if b <= cut)
+        assert store.provenance_rows() == max(before, complete)  # verified: what landed before never twice
+        failed = sorted(spill_dir.glob("*.failed-*.wal"))
+        if cut not in bounds:
+            assert failed and failed[-1].read_bytes() == whole[bounds[complete]:cut]  # byte for byte
+            assert "torn" in failed[-1].with_suffix(".reason").read_text()
+            for f in failed:
+                f.unlink()
+                f.with_suffix(".reason").unlink()
+        assert not list(spill_dir.glob("*.wal"))
+    check_landed(store, ids, {0: 10})
+
+
+@pytest.mark.timeout(60)
+def test_flipped_bytes_set_the_record_aside_and_resync_to_the_next(store, ids, tmp_path):
+    spill_dir = tmp_path / "flip"
+    path, bounds = write_dead_journal(spill_dir, store, ids, 30)
+    whole = path.read_bytes()
+    rnd = random.Random(5)
+    for victim in rnd.sample(range(1, 29), 12):  # flips inside one record, anywhere in it
+        data = bytearray(whole)
+        for _ in range(rnd.randint(1, 3)):
+            i = rnd.randrange(bounds[victim], bounds[victim + 1])
+            data[i] ^= 1 << rnd.randrange(8)
+        scan = scan_segment(path, bytes(data))
+        got = [r.items[0][1]["n"] for r in scan.records]
+        assert got == [n for n in range(30) if n != victim], victim
+        (d,) = scan.damage
+        assert (d.offset, d.end) == (bounds[victim], bounds[victim + 1])
+    # Replayed for real: the others land once, the damaged record is set aside with its reason.
+    victim = 17
+    data = bytearray(whole)
+    data[bounds[victim] + 12] ^= 0xFF
+    path.write_bytes(bytes(data))
+    JournalReplayer.for_store(store, spill_dir).replay_all(StopSignal())
+    (failed,) = spill_dir.glob("*.failed-*.wal")
+    assert failed.read_bytes() == bytes(data[bounds[victim]:bounds[victim + 1]])
+    assert "checksum mismatch" in failed.with_suffix(".reason").read_text()
+    got = sorted(n for lst in entries(store, ids).values() for _, n in lst)
+    assert got == [n for n in range(30) if n != victim]
+    assert store.provenance_rows() == 29
+    st = status(spill_dir).as_dict()
+    assert st["quarantined_files"] == 1
+
+
+def test_damaged_header_sets_the_whole_segment_aside(store, ids, tmp_path):
+    spill_dir = tmp_path / "hdr"
+    path, _ = write_dead_journal(spill_dir, store, ids, 3)
+    data = bytearray(path.read_bytes())
+    data[len(MAGIC) + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    JournalReplayer.for_store(store, spill_dir).replay_all(StopSignal())
+    (failed,) = spill_dir.glob("*.failed-*.wal")
+    assert failed.read_bytes() == bytes(data) and not path.exists()
+    assert store.provenance_rows() == 0
+
+
+# -- several processes on one directory ------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_live_writers_never_replay_each_other_and_a_dead_ones_journal_lands_once(store, ids, spill_dir):
+    common = dict(db=str(store.path), spill_dir=str(spill_dir), ids=[str(i) for i in ids])
+    a = spawn(**common, tag=0, n=200, block_store=True)  # A's store takes nothing: all of A waits in A's journal
+    a.wait_event("enqueued", 30)
+    b = spawn(**common, tag=1, n=50)
+    c = spawn(**common, tag=2, n=50)
+    for r in (b, c):
+        r.wait_event("enqueued", 30)
+    wait_until(lambda: len([e for e in b.of("stats") + c.of("stats")]) >= 6, 20, "B and C to idle a while")
+    a_files = [n for n in os.listdir(spill_dir) if n.endswith(".wal") and a.of("started")[0]["pid"] and
+               f"-w{a.of('started')[0]['pid']}x" in n]
+    assert a_files, os.listdir(spill_dir)
+    for n in a_files:
+        assert (spill_dir / n).exists()  # untouched while A lives
+    assert not [e for e in entries(store, ids).values() for cn in e if cn[0] == 0]
+    assert all(e["replayed"] == 0 for e in b.of("stats") + c.of("stats"))
+    a.proc.send_signal(signal.SIGKILL)
+    a.finish(10)
+    wait_until(lambda: not any((spill_dir / n).exists() for n in a_files), 30, "A's journal to be replayed")
+    for r in (b, c):
+        r.proc.send_signal(signal.SIGKILL)
+        r.finish(10)
+    drain(store, spill_dir)
+    check_landed(store, ids, {0: 199, 1: 49, 2: 49}, across_children=False)  # B and C ran beside A
+
+
+# -- exit and SIGTERM ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["exit", "sigterm"])
+def test_exit_and_sigterm_return_fast_and_lose_nothing(store, ids, spill_dir, how):
+    r = spawn(db=str(store.path), spill_dir=str(spill_dir), ids=[str(i) for i in ids], tag=0, n=300,
+              store_delay_s=5.0, exit=(how == "exit"), sigterm_helper=(how == "sigterm"),
+              opts={"durability": "process"})
+    r.wait_event("enqueued", 30)
+    t0 = time.monotonic()
+    if how == "sigterm":
+        r.proc.send_signal(signal.SIGTERM)
+    r.finish(10)
+    took = time.monotonic() - t0
+    assert took < 2.0, f"{how} took {took:.2f}s with a store that takes 5 s per write"
+    drain(store, spill_dir)
+    check_landed(store, ids, {0: 299})
+
+
+# -- disk full / read-only -----------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if rc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {rc.stderr.decode()[:200]}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    filler = mnt / "filler"
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    with open(filler, "wb") as f:
+        try:
+            f.write(b"\0" * max(0, free - leave))
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.timeout(60)
+def test_full_disk_falls_back_to_memory_then_journals_again(store, ids, small_fs):
+    spill_dir = small_fs / "spill"
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", retry_max_s=0.05,
+                             retry_initial_s=0.01).start()
+    try:
+        filler = _fill(small_fs, leave=8192)
+        for n in range(400):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n, "pad": "x" * 100})])  # never raises
+        s = q.stats()
+        assert s.journal_fallbacks > 0 and s.dropped == 0
+        assert q.flush(20)
+        filler.unlink()
+        time.sleep(0.1)  # past retry_s: the next append tries a new segment
+        before = q.stats().journal_fallbacks
+        for n in range(400, 500):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n, "pad": "x"})])
+        s = q.stats()
+        assert s.journal_fallbacks == before and s.journal_segments >= 1
+        assert q.flush(20)
+    finally:
+        q.stop(5)
+    check_landed(store, ids, {0: 499})
+
+
+@pytest.mark.timeout(60)
+def test_read_only_journal_directory_falls_back_then_recovers(store, ids, small_fs):
+    spill_dir = small_fs / "spill"
+    spill_dir.mkdir(mode=0o700)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", retry_max_s=0.05,
+                             retry_initial_s=0.01, max_queue_size=256).start()  # EROFS: cannot open a segment
+    try:
+        for n in range(100):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])  # never raises
+        s = q.stats()
+        assert s.journal_fallbacks > 0 and s.journal_segments == 0
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+        time.sleep(0.1)
+        for n in range(100, 150):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        assert q.stats().journal_segments >= 1
+        assert q.flush(20)
+    finally:
+        q.stop(5)
+    check_landed(store, ids, {0: 149})
+
+
+@pytest.mark.timeout(60)
+def test_injected_enospc_falls_back_and_recovers(store, ids, spill_dir, monkeypatch, caplog):
+    real = JournalWriter._write_locked
+    failing = {"on": True}
+
+    def write(self, seg, data):
+        if failing["on"]:
+            exc = OSError(errno.ENOSPC, "No space left on device (injected)")
+            self._failed_locked(exc)
+            raise exc
+        return real(self, seg, data)
+
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="fsync-interval", retry_max_s=0.05,
+                             retry_initial_s=0.01).start()
+    try:
+        monkeypatch.setattr(JournalWriter, "_write_locked", write)
+        with caplog.at_level("ERROR", logger="iai_queue"):
+            for n in range(300):
+                q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        assert q.stats().journal_fallbacks >= 1
+        errors = [r for r in caplog.records if "journal.failed" in r.getMessage()]
+        assert 1 <= len(errors) < 20  # rate-limited
+        failing["on"] = False
+        time.sleep(0.1)
+        for n in range(300, 400):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        assert q.sync(5)
+        assert q.flush(20)
+    finally:
+        q.stop(5)
+    check_landed(store, ids, {0: 399})
+
+
+# -- options, stats, status ---------------------------------------------------------------------------
+
+def test_bad_durability_is_refused_naming_the_value(store):
+    with pytest.raises(ValueError, match="durability.*'disk'"):
+        ProvenanceWriteQueue(store, durability="disk")
+
+
+def test_memory_mode_creates_no_journal_and_binds_the_memory_hot_path(store, spill_dir):
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir).start()
+    try:
+        assert q.enqueue == q._admission.enqueue and q._journal is None
+        assert not spill_dir.exists()
+    finally:
+        q.stop()
+
+
+def test_backlog_keeps_memory_bounded_and_order(store, ids, spill_dir, gate):
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", max_queue_size=4,
+                             coalesce_ms=1).start()
+    try:
+        for n in range(500):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        s = q.stats()
+        assert s.journal_backlog > 400 and s.spilled_files == 0 and s.accepted == 500
+        assert len(q._admission.pending) <= 4
+        st = status(spill_dir).as_dict()
+        assert any(f["state"] == "journal" for f in st["files"])
+        gate.open()
+        assert q.flush(30)
+    finally:
+        q.stop(5)
+    check_landed(store, ids, {0: 499})
