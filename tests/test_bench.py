@@ -1,9 +1,12 @@
 """Smoke tests of the benchmark harness: correctness of the figures' plumbing, never speed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from iai_queue import cli
 
@@ -38,3 +41,94 @@ def test_bench_enqueue_script_tiny(tmp_path):
     assert data["queue"]["n"] == data["reference"]["n"] == 400
     assert data["queue_written"] == data["queue_accepted"]
     assert {"p50", "p99", "p99.9", "max"} <= set(data["ratio"])
+
+
+def _peer_installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+PEER_MODULES = {"otel": "opentelemetry.sdk._shared_internal", "sentry": "sentry_sdk.worker",
+                "pq_file": "persistqueue", "pq_sqlite": "persistqueue"}
+
+
+def _run_script(name: str, args: list, cwd: Path, timeout: float = 90, prelude: str = "", env=None):
+    """Runs a script of scripts/ in a fresh interpreter; ``prelude`` runs first (e.g. to hide a package)."""
+    script = str(ROOT / "scripts" / name)
+    code = f"import runpy, sys\n{prelude}\nsys.argv = {[script, *args]!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env)
+
+
+@pytest.mark.timeout(120)
+def test_bench_peers_script_tiny(tmp_path):
+    out = tmp_path / "peers.json"
+    calls, burst = 300, 64
+    proc = _run_script("bench_peers.py", ["--calls", str(calls), "--rounds", "2", "--records", "50", "--dim", "8",
+                                          "--json", str(out)], tmp_path, timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    expected_keys = {"iai", "iai_str", "otel", "simplequeue", "sentry", "pq_file", "pq_sqlite"}
+    assert set(data["queues"]) | set(data["skipped"]) == expected_keys
+    for key in expected_keys:
+        installed = _peer_installed(PEER_MODULES[key]) if key in PEER_MODULES else True
+        if not installed:
+            assert data["skipped"][key] == "not installed"
+            continue
+        q = data["queues"][key]
+        assert q["n"] == calls, key
+        # every pair enqueued (warm-up included) was written by the worker and is a row in that queue's own store
+        assert q["enqueued"] == q["written"] == q["rows"] == calls + 4 * burst, (key, q)
+        assert q["ok"] is True and q["errors"] == []
+        assert {"p50", "p99", "p99.9", "max"} <= set(q)
+        assert set(data["iai_over"][key]) == {"p50", "p99", "p99.9", "max"}
+    assert data["iai_over"]["iai"]["p50"] == 1.0
+    assert set(data["str_over_uuid"]) == {"p50", "p99", "p99.9"}
+    assert {"p99_le_5us", "p99.9_le_25us", "str_ids_le_1.5x_uuid"} <= set(data["targets"])
+    assert data["targets"]["every_queue_wrote_everything"] is True
+    assert "every_queue_wrote_everything: met" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_bench_peers_reports_a_missing_peer_as_skipped(tmp_path):
+    out = tmp_path / "peers.json"
+    hide = "sys.modules['sentry_sdk'] = None; sys.modules['persistqueue'] = None  # as if not installed"
+    proc = _run_script("bench_peers.py", ["--peers", "iai,sentry,pq_sqlite", "--calls", "100", "--rounds", "1",
+                                          "--records", "20", "--dim", "8", "--json", str(out)], tmp_path, prelude=hide)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sentry-sdk BackgroundWorker.submit: skipped: not installed" in proc.stdout
+    assert "persist-queue SQLiteAckQueue.put: skipped: not installed" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["skipped"] == {"sentry": "not installed", "pq_sqlite": "not installed"}
+    assert set(data["queues"]) == {"iai"} and data["queues"]["iai"]["rows"] == 100 + 4 * 64
+    assert "p50_le_1.0x_otel_emit" not in data["targets"]  # no target against a peer that did not run
+
+
+def test_bench_peers_usage_error_is_one_line_before_any_work(tmp_path):
+    tmp = tmp_path / "tmp"  # where the script would make its work directory
+    tmp.mkdir()
+    proc = _run_script("bench_peers.py", ["--peers", "iai,nope"], tmp_path, timeout=30,
+                       env=dict(os.environ, TMPDIR=str(tmp)))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0], proc.stderr
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(90)
+def test_bench_drain_backlog_tiny(tmp_path):
+    out = tmp_path / "drain.json"
+    proc = _run_script("bench_drain_backlog.py", ["--entries", "3000", "--pairs", "10", "--rounds", "1",
+                                                  "--records", "50", "--dim", "8", "--max-batch-pairs", "128",
+                                                  "--replay-batch-pairs", "1024", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    run = data["queue"]["runs"][0]
+    assert run["landed"] == run["written"] == 3000 and run["ok"] is True
+    assert run["largest_write"] <= 128 and run["writes"] >= 3000 // 128  # max_batch_pairs reached the queue
+    assert data["raw"]["runs"][0]["landed"] == 3000 and data["raw"]["runs"][0]["writes"] == -(-3000 // 256)
+    assert data["raw_large"]["runs"][0]["writes"] == 3  # 1024-row reference appends
+    assert data["ok"] is True and "drain_ge_2x_raw_256_rows" in data["targets"]
