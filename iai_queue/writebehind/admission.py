@@ -161,7 +161,7 @@ class Admission:
                     if len(self.pending) >= self.wake_threshold:
                         self.worker_wake.set()
                     return
-                self.ledger.accepted_elsewhere += chunk_len(chunk)
+                self.ledger.accepted_elsewhere += len(chunk[1]) if type(chunk) is tuple else chunk_len(chunk)
                 self._overflow(chunk)
                 return
         self.on_closed(chunk)
@@ -172,8 +172,19 @@ class Admission:
 
     def _overflow(self, chunk: Chunk) -> None:
         """Behind the spill from now on (lock held)."""
-        n = chunk_len(chunk)
-        self._set(route=Route.BEHIND_SPILL)
+        n = len(chunk[1]) if type(chunk) is tuple else chunk_len(chunk)
+        if self.route is not Route.BEHIND_SPILL:
+            self._set(route=Route.BEHIND_SPILL)
+        if self.spill_buffer_pairs + self.spill_in_flight + n > self.max_memory_pairs and self._over_bound(chunk, n):
+            return  # dropped
+        self.spill_buffer.append(chunk)
+        self.spill_buffer_pairs += n
+        if not self.spill_wake.is_set():
+            self.spill_wake.set()
+
+    def _over_bound(self, chunk: Chunk, n: int) -> bool:
+        """Memory holds ``max_memory_pairs`` for the disk (lock held): wait for a working disk, or
+        drop on a failing one. True when the chunk was dropped."""
 
         def waiting() -> int:
             return self.spill_buffer_pairs + self.spill_in_flight
@@ -191,10 +202,8 @@ class Admission:
             self.warn.emit(log, logging.ERROR, "drop", key="memory full", count=n,
                            total_dropped=self.ledger.n["dropped"],
                            reason="memory at max_memory_pairs and the spill directory is failing")
-            return
-        self.spill_buffer.append(chunk)
-        self.spill_buffer_pairs += n
-        self.spill_wake.set()
+            return True
+        return False
 
     # -- the worker's hooks ------------------------------------------------------------
 
