@@ -356,7 +356,7 @@ def _existing_store_location(text: str):
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .spill import status, store_tag
+    from .spill import status
     from .spill.stores import record_store_location, store_locations
     from .store import MemoryStore
     from .writebehind import Replayer

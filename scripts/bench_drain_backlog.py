@@ -1,6 +1,6 @@
 """Issue 10: how fast the queue drains a large backlog, against raw LanceDB appends of the same rows.
 
-* queue: a ``ProvenanceWriteQueue(store, max_batch_pairs=..., replay_batch_pairs=...)``
+* queue: a ``ProvenanceWriteQueue(store, max_batch_pairs=..., backlog_batch_pairs=..., replay_batch_pairs=...)``
   whose store is held shut (``StoreGate``, a wrapper on the instance) while
   ``--entries`` entries are enqueued in ``--pairs``-pair calls (max_queue_size
   is set above the number of calls: all of it waits in memory, nothing
@@ -85,6 +85,7 @@ def run_queue(work: Path, args, ids) -> dict:
     counter = WriteCounter(store)  # outside the gate: counts only what reaches the store
     before = store.provenance_rows()
     q = ProvenanceWriteQueue(store, spill_dir=work / "spill", max_batch_pairs=args.max_batch_pairs,
+                             backlog_batch_pairs=args.backlog_batch_pairs,
                              replay_batch_pairs=args.replay_batch_pairs, max_queue_size=len(calls) + 1,
                              max_memory_pairs=args.entries + 1).start()
     try:
@@ -145,6 +146,9 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--pairs", type=positive_int, default=10, help="pairs per enqueue call (default 10, one recall's)")
     ap.add_argument("--max-batch-pairs", type=positive_int, default=256,
                     help="the queue's max_batch_pairs (default 256)")
+    ap.add_argument("--backlog-batch-pairs", type=positive_int, default=8192,
+                    help="the queue's backlog_batch_pairs: what one write takes while a backlog waits (default 8192; "
+                         "set it to --max-batch-pairs to measure fixed-size batches)")
     ap.add_argument("--replay-batch-pairs", type=positive_int, default=8192,
                     help="the queue's replay_batch_pairs, and the reference raw batch size (default 8192)")
     ap.add_argument("--raw-batch-rows", type=positive_int, default=256, help="rows per raw append (default 256)")
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
         return 2
     ids = random_ids(args.records, args.seed)
     data = raw_table(args, ids)
-    names = {"queue": f"queue (max_batch_pairs={args.max_batch_pairs})",
+    names = {"queue": f"queue (max_batch_pairs={args.max_batch_pairs}, backlog_batch_pairs={args.backlog_batch_pairs})",
              "raw": f"raw lancedb add, {args.raw_batch_rows} rows",
              "raw_large": f"raw lancedb add, {args.replay_batch_pairs} rows (reference)"}
     res: dict[str, list] = {k: [] for k in names}

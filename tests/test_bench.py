@@ -123,12 +123,13 @@ def test_bench_drain_backlog_tiny(tmp_path):
     out = tmp_path / "drain.json"
     proc = _run_script("bench_drain_backlog.py", ["--entries", "3000", "--pairs", "10", "--rounds", "1",
                                                   "--records", "50", "--dim", "8", "--max-batch-pairs", "128",
+                                                  "--backlog-batch-pairs", "128",
                                                   "--replay-batch-pairs", "1024", "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     run = data["queue"]["runs"][0]
     assert run["landed"] == run["written"] == 3000 and run["ok"] is True
-    assert run["largest_write"] <= 128 and run["writes"] >= 3000 // 128  # max_batch_pairs reached the queue
+    assert run["largest_write"] <= 128 and run["writes"] >= 3000 // 128  # the batch bounds reached the queue
     assert data["raw"]["runs"][0]["landed"] == 3000 and data["raw"]["runs"][0]["writes"] == -(-3000 // 256)
     assert data["raw_large"]["runs"][0]["writes"] == 3  # 1024-row reference appends
     assert data["ok"] is True and "drain_ge_2x_raw_256_rows" in data["targets"]

@@ -23,7 +23,7 @@ from typing import Optional
 from ..journal import Durability
 from ..spill import default_spill_dir
 
-__all__ = ["QueueConfig"]
+__all__ = ["OptionsView", "QueueConfig"]
 
 
 def _number(name: str, value: object) -> float:
@@ -103,3 +103,32 @@ class QueueConfig:
                                     else max_batch_pairs if capped else replay_batch_pairs),
             durability=durability, fsync_interval_s=max(fsync_interval_ms, 1) / 1000.0,
             journal_segment_bytes=max(journal_segment_bytes, 4096))
+
+
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self._cfg, name), doc=f"The ``{name}`` option (read-only).")
+
+
+class OptionsView:
+    """The options of a queue's ``_cfg`` (a :class:`QueueConfig`) as read-only attributes."""
+
+    _cfg: QueueConfig
+
+    coalesce_s = _option("coalesce_s")
+    max_queue_size = _option("max_queue_size")
+    max_batch_pairs = _option("max_batch_pairs")
+    max_memory_pairs = _option("max_memory_pairs")
+    exit_timeout = _option("exit_timeout")
+    retry_initial_s = _option("retry_initial_s")
+    retry_max_s = _option("retry_max_s")
+    idle_replay_s = _option("idle_replay_s")
+    replay_batch_pairs = _option("replay_batch_pairs")
+    spill_file_pairs = _option("spill_file_pairs")
+    spill_dir = _option("spill_dir")
+    backlog_batch_pairs = _option("backlog_batch_pairs")
+    fsync_interval_s = _option("fsync_interval_s")
+
+    @property
+    def durability(self) -> str:
+        """The ``durability`` option: ``"memory"``, ``"process"``, ``"fsync-interval"`` or ``"fsync-always"``."""
+        return self._cfg.durability.value

@@ -83,10 +83,17 @@ class WritesInFlight:
             self._changed.notify_all()
 
     def hold_back_others(self, entry_ids: Sequence[str]) -> None:
-        """``entry_ids`` (a batch given up on while in the store): later writes wait for it."""
+        """``entry_ids`` (a batch given up on, maybe in the store's hands): later writes wait for it
+        until its write returns or its worker gives it up (:meth:`release`)."""
         with self._changed:
-            if id(entry_ids) in self._batches:
-                self._barriers.add(id(entry_ids))
+            self._barriers.add(id(entry_ids))
+
+    def release(self, entry_ids: Sequence[str]) -> None:
+        """The abandoned worker will not write ``entry_ids``: nothing to wait for."""
+        with self._changed:
+            if id(entry_ids) not in self._batches:
+                self._barriers.discard(id(entry_ids))
+                self._changed.notify_all()
 
 
 WRITES_IN_FLIGHT = WritesInFlight()
@@ -183,6 +190,14 @@ class Delivery:
                 self.in_flight_on_disk = True  # a replay: its pairs are safe in the claimed file
                 self.current = batch
             todo = self.in_flight
+        try:
+            self._deliver(todo, stop, verify)
+        except Abandoned:
+            for b in list(todo):  # a barrier stop() set on them waits for nothing now
+                WRITES_IN_FLIGHT.release(b.entry_ids)
+            raise
+
+    def _deliver(self, todo: deque, stop: StopSignal, verify: bool) -> None:
         attempt = 0
         single_failures = 0
         while todo:

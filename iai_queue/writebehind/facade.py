@@ -28,29 +28,28 @@ import weakref
 from typing import Any, Callable, Optional
 
 from ..envconfig import resolve_queue_options
-from ..journal import Durability, JournalWriter
 from ..events import RateLimiter, emit
 from ..pairs import EntryIds, ProvenanceBatch, ProvenanceSink
 from ..spill import SpillDirectory
 from .admission import Admission, Route, seen_chunk
-from .chunks import Chunk, HeldChunk, chunk_parts, chunk_seq
-from .config import QueueConfig
+from .async_surface import AsyncSurface
+from .closed import ClosedRoute
+from .chunks import Chunk, chunk_parts, chunk_seq
+from .config import OptionsView, QueueConfig
 from .delivery import Delivery
-from .journal_replay import JournalReplayer
-from .journaling import JournaledAdmission, JournalThread
+from .journaling import JournaledAdmission, JournalThread, journal_parts
 from .ledger import Ledger
-from .lifecycle import Abandoned, Backoff, GiveUp, Lifecycle, StopSignal
+from .lifecycle import Backoff, Lifecycle, StopSignal
 from .quarantine import Quarantine
 from .replay import Replayer
 from .spilling import Spiller, SpillThread
 from .stats import QueueStats
+from .supervision import supervised
 from .worker import Worker
 
 __all__ = ["ProvenanceWriteQueue"]
 
 log = logging.getLogger("iai_queue.queue")
-
-CLOSING_WAIT_MARGIN_S = 5.0  # beyond stop()'s own deadline: its joins and final spills
 
 _live_queues: "weakref.WeakSet[ProvenanceWriteQueue]" = weakref.WeakSet()
 
@@ -64,36 +63,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
-def _option(name: str) -> property:
-    return property(lambda self: getattr(self._cfg, name), doc=f"The ``{name}`` option (read-only).")
-
-
-class ProvenanceWriteQueue:
+class ProvenanceWriteQueue(OptionsView, AsyncSurface):
     """Write-behind queue for ``(record_id, entry)`` provenance pairs.
 
     ``enqueue`` never blocks on the store or the disk; a daemon worker writes
     coalesced batches through ``store.append_provenance_batch``, looked up at
     call time so a wrapper installed on the instance takes effect.
     """
-
-    coalesce_s = _option("coalesce_s")
-    max_queue_size = _option("max_queue_size")
-    max_batch_pairs = _option("max_batch_pairs")
-    max_memory_pairs = _option("max_memory_pairs")
-    exit_timeout = _option("exit_timeout")
-    retry_initial_s = _option("retry_initial_s")
-    retry_max_s = _option("retry_max_s")
-    idle_replay_s = _option("idle_replay_s")
-    replay_batch_pairs = _option("replay_batch_pairs")
-    spill_file_pairs = _option("spill_file_pairs")
-    spill_dir = _option("spill_dir")
-    backlog_batch_pairs = _option("backlog_batch_pairs")
-    fsync_interval_s = _option("fsync_interval_s")
-
-    @property
-    def durability(self) -> str:
-        """The ``durability`` option: ``"memory"``, ``"process"``, ``"fsync-interval"`` or ``"fsync-always"``."""
-        return self._cfg.durability.value
 
     def __init__(self, store: ProvenanceSink, *, coalesce_ms: Optional[float] = None,
                  max_queue_size: Optional[int] = None, max_batch_pairs: Optional[int] = None,
@@ -138,34 +114,21 @@ class ProvenanceWriteQueue:
         self._journal: Optional[JournaledAdmission] = None
         journal_idle = None
         if cfg.durability.journaled:  # write-ahead mode (journaling.py); memory mode never gets here
-            journal = self._journal = JournaledAdmission(
-                adm, lock, ledger, warn, lambda: JournalWriter(spill, ids.prefix, cfg.durability,
-                                                               segment_bytes=cfg.journal_segment_bytes,
-                                                               fsync_interval_s=cfg.fsync_interval_s,
-                                                               retry_s=cfg.retry_max_s),
-                cfg.durability, cfg.max_memory_pairs)
-            self.enqueue = journal.enqueue
-            jreplay = self._journal_replayer = JournalReplayer(
-                lock, ledger, spill, delivery, warn, batch_pairs=cfg.replay_batch_pairs,
-                retry_unreadable_s=cfg.idle_replay_s,
-                live_names=lambda: {s.path.name for s in journal.writer.segments}, own_prefix=lambda: ids.prefix)
-
-            def journal_idle(stop: StopSignal) -> bool:
-                return jreplay.replay_some(stop) or journal.refill(
-                    lambda: bool(jreplay.orphans()) or bool(spill.replayable()))
+            self._journal, self._journal_replayer, journal_idle = journal_parts(adm, lock, ledger, warn, spill, ids,
+                                                                                delivery, cfg)
+            self.enqueue = self._journal.enqueue
         self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, replayer, spill,
                                    self._maintenance_call, warn, journal_idle)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
+        self._closed = ClosedRoute(lock, adm, ledger, ids, delivery, self._spiller, spill, replayer,
+                                   deadline=lambda: self._stop.deadline, replay_budget_s=max(1.0, cfg.exit_timeout))
         self._spill_loop = SpillThread(lock, cfg, adm, self._spiller, backoff)
         self._warn = warn
         self._stop = StopSignal()  # the current run's
         self._worker: Optional[threading.Thread] = None
         self._spill_thread: Optional[threading.Thread] = None
         self._journal_thread: Optional[threading.Thread] = None
-        self._left_on_disk = False
-        self._successor: Optional[Callable[[list], None]] = None
         self._retired = False  # disabled by the store: start() refuses
-        self._closed_lock = threading.RLock()  # closed-route writes, one at a time; start() waits for them
 
     def _reinit_after_fork(self) -> None:
         # The parent's pending entries stay the parent's: the child starts empty
@@ -198,12 +161,12 @@ class ProvenanceWriteQueue:
     def forward_to(self, enqueue: Callable[[list], None]) -> None:
         """After ``stop()``: hand later enqueues to ``enqueue`` (the queue that replaced this one), so a
         caller still holding this queue lands behind what the new one holds, not beside it."""
-        self._successor = enqueue
+        self._closed.successor = enqueue
 
     @property
     def left_on_disk(self) -> bool:
         """After ``stop()``: True when entries it accepted wait in spill files (later writes go behind them)."""
-        return self._left_on_disk
+        return self._closed.left_on_disk
 
     @property
     def running(self) -> bool:
@@ -214,7 +177,7 @@ class ProvenanceWriteQueue:
     def start(self) -> "ProvenanceWriteQueue":
         """Start the worker and spill threads and register the exit handler. Idempotent."""
         adm = self._admission
-        with self._closed_lock, self._lock:
+        with self._closed.lock, self._lock:
             if adm.state in (Lifecycle.RUNNING, Lifecycle.CLOSING):
                 return self
             if self._retired:  # the store disabled it: it never runs again
@@ -294,14 +257,14 @@ class ProvenanceWriteQueue:
             # One step: enqueues waiting on the closed route go on once the rest is ours.
             rest = adm.take_spill_buffer_locked()
             adm.set_locked(state=Lifecycle.STOPPED)
-            self._left_on_disk = own_files or bool(older) or bool(rest)
+            self._closed.left_on_disk = own_files or bool(older) or bool(rest)
             ledger.done_advanced.notify_all()
         if rest:  # the spill thread did not get to them (or never ran)
             self._spiller.spill_or_drop(rest)
         with self._lock:
             done = ledger.all_done()
         self._spill.release()
-        if self._left_on_disk:
+        if self._closed.left_on_disk:
             emit(log, logging.WARNING, "exit.spilled", dir=str(self._cfg.spill_dir))
         return done
 
@@ -315,28 +278,11 @@ class ProvenanceWriteQueue:
         True when it is (calls the journal refused are not counted); False on
         timeout. In memory mode there is no journal: returns False at once.
         """
-        journal = self._journal
-        if journal is None:
-            return False
-        writer = journal.writer
-        with writer.lock:
-            target = writer.appended_seq
-        try:
-            if not writer.durability.fsyncs and not writer.closed:
-                writer.sync()  # "process": no thread fsyncs on a timer, so do it here
-        except OSError:
-            return False
-        return writer.wait_synced(target, timeout)
+        return self._journal is not None and self._journal.sync(timeout)
 
     def _closed_route(self, chunk: Chunk) -> None:
         """A chunk that arrived with the route closed: a new queue's first use, or during or after stop()."""
-        adm = self._admission
-        with self._lock:
-            if adm.state is Lifecycle.CLOSING:
-                # Behind the drain, never beside it (order per record): wait for stop() to finish.
-                wait_s = min(max(0.0, self._stop.deadline - time.monotonic()), 3600.0) + CLOSING_WAIT_MARGIN_S
-                self._ledger.done_advanced.wait_for(lambda: adm.state is not Lifecycle.CLOSING, wait_s)
-            state = adm.state
+        state = self._closed.wait_for_drain()
         if state is Lifecycle.NEW:  # the first use starts the queue; the call goes through its enqueue
             self.start()
             pairs, _, _ = chunk_parts(chunk, self._ids)
@@ -347,72 +293,12 @@ class ProvenanceWriteQueue:
                     self._ledger.mark_done((chunk_seq(chunk),))  # its first number is not used
             return
         if state is Lifecycle.RUNNING:
-            adm.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
+            self._admission.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
             return
-        # After stop() (or a stop() that overran its bound): the queue that replaced this
-        # one takes it, or it is written now on the caller's thread, or spilled behind
-        # what is on disk. One at a time, and never beside a start(): a restarted queue
-        # must find what this wrote (or spilled) already there.
-        with self._closed_lock:
-            if adm.state is not state:  # started again meanwhile: through admission after all
-                self._closed_route(chunk)
-                return
-            self._write_behind(chunk, state)
-
-    def _write_behind(self, chunk: Chunk, state: Lifecycle) -> None:
-        """The closed route's write (under ``_closed_lock``)."""
-        pairs, eids, _ = chunk_parts(chunk, self._ids)
-        seq = chunk_seq(chunk)
-        successor = self._successor
-        if successor is not None and state is Lifecycle.STOPPED:
-            successor(list(pairs))
-            with self._lock:
-                self._ledger.mark_done((seq,))
-            return
-        with self._lock:
-            self._ledger.accepted_elsewhere += len(pairs)
-        if state is Lifecycle.STOPPED:
-            if self._left_on_disk:  # what waits on disk goes first: replayed here, on the caller's thread
-                self._left_on_disk = not self._replay_here()
-            if not self._left_on_disk:
-                error = self._delivery.try_write(ProvenanceBatch(pairs, eids))  # unencodable entries set aside there
-                if error is None:
-                    with self._lock:
-                        self._ledger.mark_done((seq,))
-                    return
-        self._left_on_disk = True
-        self._spiller.spill_or_drop([HeldChunk(seq, tuple(pairs), 0, eids, True)])
-        self._spill.release()
-
-    def _replay_here(self) -> bool:
-        """Replay this store's waiting spill files on the calling thread (bounded by ``exit_timeout``,
-        at least a second). True when none is left."""
-        stop = StopSignal()
-        stop.deadline = time.monotonic() + max(1.0, self._cfg.exit_timeout)
-        try:
-            while self._worker_loop.replayer.replay_some(stop):
-                pass
-        except (GiveUp, Abandoned):
-            return False
-        return not self._spill.replayable()
+        self._closed.take(chunk, state, again=self._closed_route)
 
     def _supervised(self, name: str, run: Callable[[StopSignal], None], stop: StopSignal) -> None:
-        """Run one of the queue's threads; a crash is logged, counted, and the loop restarted."""
-        attempt = 0
-        while not stop.abandoned:
-            try:
-                run(stop)
-                return
-            except BaseException as exc:
-                with self._lock:
-                    self._ledger.count(thread_restarts=1)
-                try:
-                    log.error("thread.crashed role=%s error=%r", name, exc, exc_info=True,
-                              extra={"event": "thread.crashed", "role": name, "error": repr(exc)[:300]})
-                except Exception:  # a broken log handler must not stop the restart
-                    pass
-                stop.requested.wait(self._backoff.delay(attempt))  # no busy loop on a crash that repeats
-                attempt += 1
+        supervised(name, run, stop, lock=self._lock, ledger=self._ledger, backoff=self._backoff)
 
     def _at_exit(self) -> None:
         try:
@@ -425,27 +311,6 @@ class ProvenanceWriteQueue:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
-
-    async def __aenter__(self) -> "ProvenanceWriteQueue":
-        import anyio.to_thread
-
-        return await anyio.to_thread.run_sync(self.start)
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.astop()
-
-    async def astop(self, timeout: Optional[float] = None) -> bool:
-        """:meth:`stop` on a worker thread: the event loop keeps running."""
-        import anyio.to_thread
-
-        return await anyio.to_thread.run_sync(self.stop, timeout)
-
-    async def aflush(self, timeout: float = 2.0) -> bool:
-        """:meth:`flush` on a worker thread: the event loop keeps running. Cancellable at once."""
-        import anyio.to_thread
-
-        # flush() only waits, so a cancelled caller may leave it behind; stop() must not be left.
-        return await anyio.to_thread.run_sync(self.flush, timeout, abandon_on_cancel=True)
 
     # -- the hot path, flush and stats -------------------------------------------------------
 
@@ -492,19 +357,6 @@ class ProvenanceWriteQueue:
                           spill_buffered=adm.spill_buffer_pairs + adm.spill_in_flight,
                           oldest_pending_age_s=age, last_write_s=ledger.last_write_s, **ledger.n)
         if self._journal is not None:
-            counts.update(self._journal_stats())
+            counts.update(self._journal.stats(self._journal_replayer))
             counts["accepted"] += counts["journal_backlog"] + self._journal.after_backlog_pairs
         return QueueStats(**counts)
-
-    def _journal_stats(self) -> dict:
-        journal, writer = self._journal, self._journal.writer
-        with writer.lock:
-            segments = [s for s in writer.segments if not s.unlinked]
-            out = dict(journal_fallbacks=journal.fallbacks, journal_bytes=sum(s.size for s in segments),
-                       journal_segments=len(segments), journal_backlog=journal.backlog_pairs,
-                       fsync_lag_s=round(writer.fsync_lag_s(), 6))
-            backlog_age = journal.oldest_backlog_age_s()
-        mtime = self._journal_replayer.oldest_orphan_mtime
-        orphan_age = max(0.0, time.time() - mtime) if mtime is not None else 0.0
-        out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
-        return out

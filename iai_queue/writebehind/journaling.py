@@ -38,7 +38,7 @@ from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
 from ..pairs import validate_pairs
 from .admission import Admission
-from .chunks import chunk_len, chunk_seq
+from .chunks import chunk_seq
 from .ledger import Ledger
 from .lifecycle import StopSignal
 
@@ -275,6 +275,32 @@ class JournaledAdmission:
         return time.monotonic() - self.backlog_since if self.backlog is not None else 0.0
 
 
+    def sync(self, timeout: float) -> bool:
+        """Block until every call journaled before this one is fsynced; False on timeout or a failing disk."""
+        writer = self.writer
+        with writer.lock:
+            target = writer.appended_seq
+        try:
+            if not writer.durability.fsyncs and not writer.closed:
+                writer.sync()  # "process": no thread fsyncs on a timer, so do it here
+        except OSError:
+            return False
+        return writer.wait_synced(target, timeout)
+
+    def stats(self, replayer) -> dict:
+        """The journal's fields of ``stats()``."""
+        writer = self.writer
+        with writer.lock:
+            segments = [s for s in writer.segments if not s.unlinked]
+            out = dict(journal_fallbacks=self.fallbacks, journal_bytes=sum(s.size for s in segments),
+                       journal_segments=len(segments), journal_backlog=self.backlog_pairs,
+                       fsync_lag_s=round(writer.fsync_lag_s(), 6))
+            backlog_age = self.oldest_backlog_age_s()
+        mtime = replayer.oldest_orphan_mtime
+        orphan_age = max(0.0, time.time() - mtime) if mtime is not None else 0.0
+        out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
+        return out
+
 class JournalThread:
     """Group commit and housekeeping: fsync every interval (fsync modes), notice a removed directory,
     checkpoint the done-watermark and delete segments the store has."""
@@ -299,3 +325,26 @@ class JournalThread:
                 writer.retire(self.done_seq(), in_use=self.journal.backlog_segment)
             except OSError as exc:  # the disk: logged, tried again next round
                 self.journal.warn.emit(log, logging.ERROR, "journal.sync_failed", key="sync", error=str(exc)[:300])
+
+
+
+def journal_parts(adm: Admission, lock: threading.Lock, ledger: Ledger, warn: RateLimiter, spill, ids, delivery,
+                  cfg) -> tuple["JournaledAdmission", object, Callable]:
+    """The journaled admission, the replayer of dead writers' journals, and the worker's idle hook."""
+    from .journal_replay import JournalReplayer
+
+    journal = JournaledAdmission(
+        adm, lock, ledger, warn, lambda: JournalWriter(spill, ids.prefix, cfg.durability,
+                                                       segment_bytes=cfg.journal_segment_bytes,
+                                                       fsync_interval_s=cfg.fsync_interval_s,
+                                                       retry_s=cfg.retry_max_s),
+        cfg.durability, cfg.max_memory_pairs)
+    replayer = JournalReplayer(lock, ledger, spill, delivery, warn, batch_pairs=cfg.replay_batch_pairs,
+                               retry_unreadable_s=cfg.idle_replay_s,
+                               live_names=lambda: {s.path.name for s in journal.writer.segments},
+                               own_prefix=lambda: ids.prefix)
+
+    def journal_idle(stop) -> bool:
+        return replayer.replay_some(stop) or journal.refill(lambda: bool(replayer.orphans()) or bool(spill.replayable()))
+
+    return journal, replayer, journal_idle
