@@ -29,7 +29,7 @@ from ..events import RateLimiter, emit
 from ..jsoncodec import UnencodableEntries
 from ..pairs import ProvenanceBatch
 from .ledger import Ledger
-from .lifecycle import Abandoned, Backoff, StopSignal
+from .lifecycle import Abandoned, Backoff, GiveUp, StopSignal
 
 __all__ = ["Batch", "Delivery"]
 
@@ -63,8 +63,8 @@ class WritesInFlight:
     def begin(self, entry_ids: Sequence[str], verify: bool) -> bool:
         """Register ``entry_ids``; False when a verified write still overlaps an earlier one after the wait."""
         with self._changed:
-            if self._barriers:
-                self._changed.wait_for(lambda: not self._barriers, BARRIER_WAIT_S)
+            if self._barriers and not self._changed.wait_for(lambda: not self._barriers, BARRIER_WAIT_S):
+                self._barriers.clear()  # a hung store: held back once, long enough
             if verify:
                 mine = set(entry_ids)
 
@@ -83,10 +83,14 @@ class WritesInFlight:
             self._changed.notify_all()
 
     def hold_back_others(self, entry_ids: Sequence[str]) -> None:
-        """``entry_ids`` (a batch given up on, maybe in the store's hands): later writes wait for it
-        until its write returns or its worker gives it up (:meth:`release`)."""
+        """``entry_ids`` (a batch given up on while its write is under way): later writes wait for it.
+
+        A write that had not begun is not written at all: its worker checks the
+        stop signal right after registering (:meth:`Delivery.try_write`).
+        """
         with self._changed:
-            self._barriers.add(id(entry_ids))
+            if id(entry_ids) in self._batches:
+                self._barriers.add(id(entry_ids))
 
     def release(self, entry_ids: Sequence[str]) -> None:
         """The abandoned worker will not write ``entry_ids``: nothing to wait for."""
@@ -192,8 +196,8 @@ class Delivery:
             todo = self.in_flight
         try:
             self._deliver(todo, stop, verify)
-        except Abandoned:
-            for b in list(todo):  # a barrier stop() set on them waits for nothing now
+        except (Abandoned, GiveUp):
+            for b in list(todo):  # a barrier stop() sets on them waits for nothing now
                 WRITES_IN_FLIGHT.release(b.entry_ids)
             raise
 
@@ -206,7 +210,7 @@ class Delivery:
             b = todo[0]
             if verify:
                 b.verify = True
-            error = self.try_write(b)
+            error = self.try_write(b, stop)
             if error is None:
                 with self.lock:
                     if stop.abandoned:
@@ -229,20 +233,26 @@ class Delivery:
             self._retry_after(attempt, stop)
             attempt += 1
 
-    def try_write(self, b: ProvenanceBatch) -> Optional[Exception]:
-        """One write of ``b``; the exception on failure. Entries JSON cannot hold are set aside first."""
-        error = self._write_once(b)
+    def try_write(self, b: ProvenanceBatch, stop: Optional[StopSignal] = None) -> Optional[Exception]:
+        """One write of ``b``; the exception on failure. Entries JSON cannot hold are set aside first.
+
+        Raises Abandoned when ``stop`` was abandoned before the write began.
+        """
+        error = self._write_once(b, stop)
         if isinstance(error, UnencodableEntries):
             good = self._set_aside_unencodable(b, error)
-            error = self._write_once(good) if good else None
+            error = self._write_once(good, stop) if good else None
         return error
 
-    def _write_once(self, b: ProvenanceBatch) -> Optional[Exception]:
+    def _write_once(self, b: ProvenanceBatch, stop: Optional[StopSignal]) -> Optional[Exception]:
         t0 = time.perf_counter()
         ids = b.entry_ids
         try:
             if not WRITES_IN_FLIGHT.begin(ids, b.verify):
                 raise StillInFlight("an earlier write of these entries has not returned yet")
+            if stop is not None and stop.abandoned:  # registered first: stop() either saw it, or we see it here
+                WRITES_IN_FLIGHT.end(ids)
+                raise Abandoned
             try:
                 result = self.write(b)
                 # The store returns how many pairs it skipped for unknown ids; a host's wrapper may return anything.
@@ -251,6 +261,8 @@ class Delivery:
                 WRITES_IN_FLIGHT.end(ids)
         except UnencodableEntries as exc:
             return exc  # decided by the entries, not the store: no error counted, nothing retried
+        except Abandoned:
+            raise
         except Exception as exc:
             with self.lock:
                 self.ledger.count(store_errors=1)
@@ -299,7 +311,7 @@ class Delivery:
             with self.lock:
                 self.ledger.count(store_errors=1)
             return False  # the store is failing everything: an outage, not poison
-        exc = self.try_write(todo[0])  # one last chance, now that the store is known good
+        exc = self.try_write(todo[0], stop)  # one last chance, now that the store is known good
         if exc is None:
             with self.lock:
                 if stop.abandoned:
