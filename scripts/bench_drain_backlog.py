@@ -37,6 +37,7 @@ import lancedb
 import pyarrow as pa
 
 from iai_queue import MemoryStore, ProvenanceWriteQueue
+from iai_queue.cli import positive_int
 from iai_queue.bench import StoreGate, print_table, random_ids, report_targets, seed_store
 
 ENTRY = {"ts": "2025-01-01T00:00:00+00:00", "cue": "what did we decide about the cache", "session_id": "bench"}
@@ -128,16 +129,6 @@ def run_raw(work: Path, data: pa.Table, rows: int) -> dict:
     landed = tbl.count_rows()
     return {"seconds": seconds, "entries": n, "landed": landed, "writes": -(-n // rows), "largest_write": min(rows, n),
             "ok": landed == n}
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv) -> argparse.Namespace:

@@ -52,8 +52,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
-from iai_queue import MemoryStore, ProvenanceWriteQueue
-from iai_queue.bench import percentiles, print_table, report_targets, seed_store
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_enqueue import measure  # noqa: E402  (the same paced bursts as the enqueue benchmark)
+
+from iai_queue import MemoryStore, ProvenanceWriteQueue  # noqa: E402
+from iai_queue.bench import percentiles, print_table, report_targets, seed_store  # noqa: E402
+from iai_queue.cli import positive_int  # noqa: E402
 
 BATCH = 256          # pairs per write, every queue
 LINGER_MS = 50       # iai_queue's coalesce_ms, OTel's schedule delay
@@ -465,28 +470,6 @@ def version_of(package: Optional[str]) -> str:
 
 
 # -- the run -----------------------------------------------------------------------------
-
-
-def measure(enqueue, pair_lists, burst: int, pause_s: float, out: list) -> None:
-    clock = time.perf_counter_ns
-    sleep = time.sleep
-    append = out.append
-    for start in range(0, len(pair_lists), burst):
-        for pairs in pair_lists[start:start + burst]:
-            t0 = clock()
-            enqueue(pairs)
-            append(clock() - t0)
-        sleep(pause_s)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def nonnegative_float(text: str) -> float:
