@@ -103,7 +103,7 @@ class Admission:
     # -- the hot path ------------------------------------------------------------------
 
     def enqueue(self, pairs: list) -> None:
-        # validate_pairs, inlined for the common case: this is the recall hot path.
+        # accepted_items(pairs), inlined: this is the recall hot path (a call costs ~10 % of it).
         if type(pairs) is list:
             items = tuple(pairs)
             plain = True
@@ -320,6 +320,25 @@ class Admission:
 
     def in_memory_pairs_locked(self) -> int:
         return sum(chunk_len(c) for c in list(self.pending))
+
+
+def accepted_items(pairs: list) -> tuple:
+    """The pairs of one enqueue call as a tuple, checked: the common case (UUID or known id string,
+    dict) cheaply, anything else by :func:`validate_pairs`, which names the bad element."""
+    if type(pairs) is list:
+        items = tuple(pairs)
+        try:
+            for p in items:
+                if type(p) is not tuple:
+                    return validate_pairs(pairs)
+                rid, entry = p
+                if type(entry) is not dict or (type(rid) is not UUID
+                                               and not (type(rid) is str and rid in known_id_strings)):
+                    return validate_pairs(pairs)
+        except ValueError:  # not two elements
+            return validate_pairs(pairs)
+        return items
+    return validate_pairs(pairs)
 
 
 def seen_chunk(pairs, entry_ids) -> HeldChunk:

@@ -43,13 +43,16 @@ def chunk_len(c: Chunk) -> int:
     return len(c[1]) if type(c) is tuple else len(c.items) - c.start
 
 
+def _fields(c: Chunk) -> tuple:
+    """``(seq, items, start, entry_ids, seen)`` of either kind of chunk."""
+    if type(c) is tuple:
+        return c[0], c[1], 0, None, False
+    return c.seq, c.items, c.start, c.entry_ids, c.seen
+
+
 def chunk_parts(c: Chunk, ids: EntryIds, end: Optional[int] = None) -> tuple[Sequence[Pair], list[str], bool]:
     """``(pairs, entry_ids, seen)`` of the chunk's pending pairs (up to index ``end``)."""
-    if type(c) is tuple:
-        seq, items = c
-        start, eids, seen = 0, None, False
-    else:
-        seq, items, start, eids, seen = c.seq, c.items, c.start, c.entry_ids, c.seen
+    seq, items, start, eids, seen = _fields(c)
     end = len(items) if end is None else end
     pairs = as_uuid_pairs(items[start:end])
     return pairs, (list(eids[start:end]) if eids is not None else ids.of_call(seq, start, end)), seen
@@ -57,11 +60,7 @@ def chunk_parts(c: Chunk, ids: EntryIds, end: Optional[int] = None) -> tuple[Seq
 
 def split_chunk(c: Chunk, room: int, ids: EntryIds) -> tuple[Sequence[Pair], list[str], Optional[HeldChunk]]:
     """Up to ``room`` pairs from the front of ``c``: ``(pairs, entry_ids, rest)``; ``rest`` None when all taken."""
-    if type(c) is tuple:
-        seq, items = c
-        start, eids, seen = 0, None, False
-    else:
-        seq, items, start, eids, seen = c.seq, c.items, c.start, c.entry_ids, c.seen
+    seq, items, start, eids, seen = _fields(c)
     end = min(len(items), start + room)
     pairs, part_ids, _ = chunk_parts(c, ids, end)
     rest = HeldChunk(seq, items, end, eids, seen) if end < len(items) else None

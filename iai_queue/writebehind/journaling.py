@@ -32,12 +32,10 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Optional
-from uuid import UUID
 
 from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
-from ..pairs import validate_pairs
-from .admission import Admission
+from .admission import Admission, accepted_items
 from .chunks import chunk_seq
 from .ledger import Ledger
 from .lifecycle import StopSignal
@@ -78,15 +76,7 @@ class JournaledAdmission:
     # -- the hot path ------------------------------------------------------------------
 
     def enqueue(self, pairs: list) -> None:
-        # Admission.enqueue's validation, inlined the same way for the common case.
-        if type(pairs) is list:
-            items = tuple(pairs)
-            for p in items:
-                if type(p) is not tuple or len(p) != 2 or type(p[0]) is not UUID or type(p[1]) is not dict:
-                    items = validate_pairs(pairs)
-                    break
-        else:
-            items = validate_pairs(pairs)
+        items = accepted_items(pairs)  # the same checks as memory mode's hot path
         if not items:
             return
         adm = self.adm
