@@ -1,5 +1,6 @@
 """The enqueue hot path: string ids take a cheap path and still reach the store as UUIDs."""
 
+import threading
 from uuid import UUID
 
 import pytest
@@ -70,3 +71,41 @@ def test_a_backlog_is_drained_in_larger_writes_and_an_explicit_cap_holds(store, 
     assert store.provenance_rows() == 3001
     assert ProvenanceWriteQueue(store, max_batch_pairs=8).backlog_batch_pairs == 8  # set explicitly: a hard cap
     assert ProvenanceWriteQueue(store, max_batch_pairs=8, backlog_batch_pairs=64).backlog_batch_pairs == 64
+
+
+class CountingEvent(threading.Event):
+    def __init__(self):
+        super().__init__()
+        self.sets = 0
+
+    def set(self):
+        self.sets += 1
+        super().set()
+
+
+@pytest.mark.timeout(30)
+def test_a_burst_after_idle_wakes_the_worker_once_and_every_entry_lands(store, records):
+    # The woken worker needs the GIL, which the caller keeps for the whole burst: the first
+    # call must disarm the wake-up, or each call of the burst would set the Event again.
+    q = ProvenanceWriteQueue(store, coalesce_ms=1)
+    q.start()
+    try:
+        assert q.flush(5)
+        adm = q.enqueue.__self__
+        wake = adm.worker_wake = CountingEvent()
+        idle = threading.Event()
+        for _ in range(100):  # until the worker sleeps on the new Event, armed for the first call
+            if adm.wake_threshold == 1:
+                idle.set()
+                break
+            idle.wait(0.01)
+        assert idle.is_set(), "the worker never went idle"
+        rid = records[0].id
+        for n in range(300):
+            q.enqueue([(rid, {"n": n})])
+        assert wake.sets <= 3, f"{wake.sets} wake-ups for one burst"
+        assert q.flush(10)
+        assert [e["n"] for e in store.get(rid).provenance] == list(range(300))
+        assert store.provenance_rows() == 300
+    finally:
+        q.stop()

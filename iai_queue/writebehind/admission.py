@@ -139,9 +139,22 @@ class Admission:
         """The append made ``len(pending)`` reach ``_check_at``: wake the worker, or memory is over its bound."""
         n = len(self.pending)
         if n >= self.wake_threshold:
-            self.worker_wake.set()
+            self.wake_worker()
         if n > self.max_queue_size or not self._fast:
             self._take_back(chunk)
+
+    def wake_worker(self) -> None:
+        """Wake the worker waiting in :meth:`wait_for_pending`, and disarm its threshold.
+
+        Disarming at once matters: the woken worker needs the GIL, which the
+        caller keeps for a whole burst of calls; without it every call of the
+        burst would set the Event again. Under the lock, so it cannot disarm a
+        threshold the worker armed after this wake-up.
+        """
+        with self.lock:
+            self.worker_wake.set()
+            self.wake_threshold = NO_WAKE
+            self._check_at = self.max_queue_size + 1
 
     def _take_back(self, chunk: Chunk) -> None:
         # Memory was full, or an overflow or stop() began while we appended. Take the
@@ -213,9 +226,10 @@ class Admission:
         ``still_waiting`` is checked after arming the wake-up (so an append in
         between is not missed). Returns False on timeout.
         """
-        self.wake_threshold = threshold
-        self._check_at = min(threshold, self.max_queue_size + 1)
-        self.worker_wake.clear()
+        with self.lock:  # arming and wake_worker()'s disarming exclude each other
+            self.wake_threshold = threshold
+            self._check_at = min(threshold, self.max_queue_size + 1)
+            self.worker_wake.clear()
         try:
             return self.worker_wake.wait(timeout) if still_waiting() else True
         finally:
