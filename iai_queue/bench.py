@@ -42,7 +42,7 @@ MODES = ("queued", "sync", "noop")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import nonempty_path, positive_int
+    from .cli.args import nonempty_path, positive_int
 
     parser.add_argument("--json", type=nonempty_path, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--plot", type=nonempty_path, metavar="FILE.png",
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URI",
                         help="run against this store location (e.g. s3://bucket/prefix): the records are "
                              "seeded under a new sub-prefix, dropped after; spill files stay in the work dir")
-    from .cli import add_storage_option_argument
+    from .cli.args import add_storage_option_argument
 
     add_storage_option_argument(parser)
 
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as exc:
             print(f"iai-queue bench: error: --store: {exc}", file=sys.stderr)
             return 2
-    from .cli import storage_options_of
+    from .cli.args import storage_options_of
 
     work = args.dir if args.dir else Path(tempfile.mkdtemp(prefix="iai-queue-bench-"))
     try:
