@@ -10,6 +10,9 @@ implements written at its top:
 - :mod:`.locks` — ``flock``: which writers are alive, who may replay orphans.
 - :mod:`.directory` — :class:`SpillDirectory`: durable writes, claims,
   removal, quarantine (spill guarantee: a crash never leaves half a ``.jsonl``).
+- :mod:`.durable` — private directory, full writes, fsynced renames.
+- :mod:`.housekeeping` — what dead writers leave: ``.tmp`` files, lock files.
+- :mod:`.quarantine_files` — ``<stem>.failed-<ts>.jsonl`` / ``.wal`` and their ``.reason``.
 - :mod:`.operator` — ``status``, ``inspect_file``, ``requeue`` for operators.
 """
 

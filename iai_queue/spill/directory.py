@@ -5,7 +5,8 @@ Where: ``spill_dir``, else env ``IAI_QUEUE_SPILL_DIR``, else
 
 Durability
     A file is written under its temporary name, fsynced, renamed, and the
-    directory fsynced: no reader ever sees half a ``.jsonl``.
+    directory fsynced: no reader ever sees half a ``.jsonl`` (primitives in
+    :mod:`.durable`).
 
 Claims (several processes, one directory)
     A live queue holds ``flock`` on ``.writer-<writer>.lock``: its files are
@@ -15,21 +16,18 @@ Claims (several processes, one directory)
     process's locks, so its claims become claimable on their own. A ``.claimed``
     file found by a new holder was cut short by a crash: it is replayed with
     every line verified, so nothing is applied twice. A ``.tmp`` file whose
-    writer is gone (its ``flock`` is free) is renamed to its final name.
+    writer is gone (its ``flock`` is free) is renamed to its final name
+    (:mod:`.housekeeping`, with the removal of dead writers' lock files).
 
 Quarantine
-    Lines that cannot be parsed or that the store rejects go to
-    ``<stem>.failed-<unix_ts>.jsonl`` (the raw lines, so an operator can repair
-    them and ``iai-queue spill requeue`` the file) with the reasons beside it in
-    ``<stem>.failed-<unix_ts>.reason``. Nothing is ever deleted unread.
+    Bad lines are set aside for an operator, never deleted unread: the file
+    names and the guarantee are in :mod:`.quarantine_files`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
-import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -37,64 +35,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .codec import BadLine
+from .durable import ensure_private_dir, fsync_dir, write_all
+from .housekeeping import recover_tmp_files, remove_stale_writer_locks, writer_alive
 from .locks import lock_fd, locks_available, try_flock, unlock
+from .quarantine_files import quarantine_bytes, quarantine_lines
 from .stores import record_store_location
 from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, parse_name, stem_of,
                     store_tag, writer_lock_name)
 
-__all__ = ["SpillDirectory", "fsync_dir"]
-
-log = logging.getLogger("iai_queue.spill")
-
-_FOREIGN_TMP_AGE_S = 2.0  # a tmp not named by this library: younger than this may be between open() and flock()
-
-
-def ensure_private_dir(path: Path) -> bool:
-    """Create ``path`` (and missing parents) 0o700; check an existing one. True when it was tightened.
-
-    Like ssh's StrictModes: a directory of ours that others may write is
-    tightened to 0o700 (and logged); one owned by another user is refused
-    (PermissionError), since its files could be planted.
-    """
-    missing = []
-    p = path
-    while not os.path.lexists(p) and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-            os.chmod(d, 0o700)  # whatever the umask
-        except FileExistsError:
-            pass
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(f"spill directory {str(path)!r} is not a directory")
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise PermissionError(f"spill directory {str(path)!r} is owned by uid {st.st_uid}, not by this "
-                              f"process's uid {os.getuid()}: refused (its files could be planted)")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-        log.warning("spill.dir_tightened dir=%s mode=%o", path, stat.S_IMODE(st.st_mode),
-                    extra={"event": "spill.dir_tightened", "dir": str(path), "mode": oct(stat.S_IMODE(st.st_mode))})
-        return True
-    return False
-
-
-def fsync_dir(path: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):
-        return  # no directory fsync there (Windows)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+__all__ = ["SpillDirectory", "ensure_private_dir", "fsync_dir"]
 
 
 class SpillDirectory:
@@ -184,7 +133,7 @@ class SpillDirectory:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             lock_fd(fd)  # tells a recoverer this tmp is alive
-            _write_all(fd, b"".join(lines))
+            write_all(fd, b"".join(lines))
             os.fsync(fd)
             if on_named is not None:
                 on_named(name)
@@ -281,21 +230,11 @@ class SpillDirectory:
                 out.append((n, True))
                 continue
             if w not in alive:
-                alive[w] = self._writer_alive(w)
+                alive[w] = writer_alive(self.path, w)
             if not alive[w]:
                 out.append((n, False))
         out.sort(key=lambda item: stem_of(item[0]))
         return out
-
-    def _writer_alive(self, writer: str) -> bool:
-        lock = self.path / writer_lock_name(writer)
-        if not lock.exists():
-            return False
-        fd = try_flock(lock)
-        if fd is None:
-            return True
-        unlock(fd)
-        return False
 
     # -- replay --------------------------------------------------------------------
 
@@ -309,71 +248,13 @@ class SpillDirectory:
             unlock(fd)
 
     def recover_tmp_files(self) -> int:
-        """Rename spill temp files whose writer is gone to their final name. Call under the replay lock.
-
-        Dead or alive is told by the writer's lock, never by age; an empty tmp
-        of a dead writer (killed before it wrote) is removed.
-        """
-        recovered = 0
-        now = time.time()
-        alive: dict[str, bool] = {}
-        for n in self.regular_names():
-            if not is_tmp_name(n):
-                continue
-            p = self.path / n
-            parts = parse_name(stem_of(n[1:-len(".tmp")]))
-            if parts is not None:
-                if parts.writer not in alive:
-                    alive[parts.writer] = parts.writer == self.writer or self._writer_alive(parts.writer)
-                if alive[parts.writer]:
-                    continue
-            else:
-                try:
-                    if now - p.stat().st_mtime < _FOREIGN_TMP_AGE_S:
-                        continue
-                except FileNotFoundError:
-                    continue
-            fd = try_flock(p)
-            if fd is None:
-                continue  # its writer is still writing
-            try:
-                if os.fstat(fd).st_size == 0:
-                    os.unlink(p)
-                    log.info("spill.remove_empty_tmp", extra={"event": "spill.remove_empty_tmp", "file": n})
-                    continue
-                final = self.path / n[1:-len(".tmp")]
-                os.rename(p, final)
-                recovered += 1
-                log.warning("spill.recover_tmp", extra={"event": "spill.recover_tmp", "file": final.name})
-            finally:
-                unlock(fd)
-        if recovered:
-            fsync_dir(self.path)
-        return recovered
+        """Rename spill temp files whose writer is gone to their final name (see :mod:`.housekeeping`).
+        Call under the replay lock."""
+        return recover_tmp_files(self.path, self.regular_names(), self.writer)
 
     def remove_stale_writer_locks(self) -> int:
         """Remove lock files of dead writers with no files left. Call under the replay lock."""
-        names = self.names()
-        writers_with_files = {p.writer for n in names if not n.startswith(".writer-")
-                              and (p := parse_name(stem_of(n.lstrip(".").removesuffix(".tmp"))))}
-        removed = 0
-        for n in names:
-            if not (n.startswith(".writer-") and n.endswith(".lock")):
-                continue
-            writer = n[len(".writer-"):-len(".lock")]
-            if writer == self.writer or writer in writers_with_files:
-                continue
-            fd = try_flock(self.path / n)
-            if fd is None:
-                continue  # alive
-            try:
-                os.unlink(self.path / n)
-                removed += 1
-            except OSError:
-                pass
-            finally:
-                unlock(fd)
-        return removed
+        return remove_stale_writer_locks(self.path, self.names(), self.writer)
 
     def claim(self, name: str) -> tuple[Path, bool]:
         """Move a pending file to its claimed name. Returns (claimed path, recovered):
@@ -388,48 +269,10 @@ class SpillDirectory:
         os.unlink(claimed)
 
     def quarantine(self, stem: str, bad: Iterable[BadLine], whole: Optional[Path] = None) -> Path:
-        """Set bad lines aside as ``<stem>.failed-<unix_ts>.jsonl`` plus a ``.reason`` file.
-
-        ``whole``: move that file there as it is (nothing in it was good).
-        """
-        bad = list(bad)
-        ensure_private_dir(self.path)  # a poison pair may come before any spill
-        ts = int(time.time())
-        while (self.path / f"{stem}.failed-{ts}.jsonl").exists():
-            ts += 1
-        target = self.path / f"{stem}.failed-{ts}.jsonl"
-        # Numbered as in the quarantine file (as ``iai-queue spill inspect`` numbers it), with the
-        # line's number in the file it came from.
-        reasons = "".join(
-            f"line {i}: {b.reason}" + (f" (line {b.lineno} of {stem})" if b.lineno else "") + "\n"
-            if whole is None else (f"line {b.lineno}: {b.reason}\n" if b.lineno else f"file: {b.reason}\n")
-            for i, b in enumerate(bad, 1))
-        self._atomic_write(target.with_suffix(".reason"), reasons.encode())
-        if whole is not None:
-            os.rename(whole, target)
-        else:
-            self._atomic_write(target, b"".join(b.raw for b in bad))
-        fsync_dir(self.path)
-        return target
+        """Set bad lines aside as ``<stem>.failed-<unix_ts>.jsonl`` plus a ``.reason`` file (see
+        :mod:`.quarantine_files`). ``whole``: move that file there as it is (nothing in it was good)."""
+        return quarantine_lines(self.path, stem, bad, whole)
 
     def quarantine_bytes(self, stem: str, data: bytes, reasons: str, suffix: str = ".wal") -> Path:
         """Set raw bytes aside, byte for byte, as ``<stem>.failed-<unix_ts><suffix>`` plus a ``.reason`` file."""
-        ensure_private_dir(self.path)
-        ts = int(time.time())
-        while (self.path / f"{stem}.failed-{ts}{suffix}").exists():
-            ts += 1
-        target = self.path / f"{stem}.failed-{ts}{suffix}"
-        self._atomic_write(target.with_suffix(".reason"), reasons.encode())
-        self._atomic_write(target, data)
-        fsync_dir(self.path)
-        return target
-
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        return quarantine_bytes(self.path, stem, data, reasons, suffix)

@@ -6,11 +6,11 @@ Where each guarantee lives (its full text is at the top of that module):
 1   store outages                :mod:`.delivery` (retry, backoff with jitter)
 2   poison pairs                 :mod:`.delivery` (bisection, probe), :mod:`.quarantine`
 3   exactly-once effect          :mod:`iai_queue.pairs` (entry ids), :mod:`.delivery` (verify),
-                                 :mod:`iai_queue.store` (skip stored ids; first-wins ``get()``)
+                                 :mod:`iai_queue.provenance_table` (skip stored ids; first-wins ``get()``)
 4   order                        :mod:`.admission` (route), :mod:`.worker` (refill), :mod:`.spilling` (names)
 5   spill files                  :mod:`iai_queue.spill.directory`, :mod:`.replay`
 6   several processes, one dir   :mod:`iai_queue.spill.directory` (claims, locks), :mod:`.replay`
-7   lifecycle                    :mod:`.lifecycle`, :meth:`.facade.ProvenanceWriteQueue.stop`
+7   lifecycle                    :mod:`.lifecycle`, :mod:`.stopping` (drain), :mod:`.closed`
 8   fork                         :mod:`.facade`
 9   exit                         :mod:`.facade`
 10  disk trouble                 :mod:`.admission`, :mod:`.spilling`
@@ -23,7 +23,8 @@ route, backpressure) → :mod:`.worker` (coalescing) → :mod:`.delivery` (the
 store) ; :mod:`.spilling` (memory → disk) and :mod:`.replay` (disk → store)
 through :mod:`iai_queue.spill`; :mod:`.ledger` (numbers, done-marks, counters)
 and :mod:`.lifecycle` (states, stop signal, backoff) beside them;
-:mod:`.facade` puts them together.
+:mod:`.threads` (supervised threads of a run) and :mod:`.stopping` (the drain
+at ``stop()``); :mod:`.facade` puts them together.
 
 What is not promised: entries still in memory when the process is SIGKILLed
 are lost — at most ``max_queue_size`` batches, ``max_memory_pairs`` pairs on

@@ -31,7 +31,7 @@ from ..envconfig import resolve_queue_options
 from ..events import RateLimiter, emit
 from ..pairs import EntryIds, ProvenanceBatch, ProvenanceSink
 from ..spill import SpillDirectory
-from .admission import Admission, Route, seen_chunk
+from .admission import Admission, Route
 from .async_surface import AsyncSurface
 from .closed import ClosedRoute
 from .chunks import Chunk, chunk_parts, chunk_seq
@@ -44,7 +44,8 @@ from .quarantine import Quarantine
 from .replay import Replayer
 from .spilling import Spiller, SpillThread
 from .stats import QueueStats
-from .supervision import supervised
+from .stopping import StopSequence
+from .threads import RunThreads
 from .worker import Worker
 
 __all__ = ["ProvenanceWriteQueue"]
@@ -125,9 +126,9 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         self._spill_loop = SpillThread(lock, cfg, adm, self._spiller, backoff)
         self._warn = warn
         self._stop = StopSignal()  # the current run's
-        self._worker: Optional[threading.Thread] = None
-        self._spill_thread: Optional[threading.Thread] = None
-        self._journal_thread: Optional[threading.Thread] = None
+        self._threads = RunThreads(lock, ledger, backoff)
+        self._stopping = StopSequence(lock, adm, ledger, ids, delivery, self._spiller, spill, self._closed,
+                                      self._threads, self._journal, lambda: self._stop, self._done_seq)
         self._retired = False  # disabled by the store: start() refuses
 
     def _reinit_after_fork(self) -> None:
@@ -153,6 +154,10 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
     @property
     def _prefix(self) -> str:
         return self._ids.prefix
+
+    @property
+    def _worker(self) -> Optional[threading.Thread]:
+        return self._threads.worker
 
     def retire(self) -> None:
         """Never start again (the store's toggle disabled this queue); call before ``stop()``."""
@@ -193,19 +198,10 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
                 behind = False
             self._spill.record_store()
             adm.set_locked(state=Lifecycle.RUNNING, route=Route.BEHIND_SPILL if behind else Route.MEMORY)
-            self._worker = threading.Thread(target=self._supervised, args=("worker", self._worker_loop.run, stop),
-                                            name="iai_queue-worker", daemon=True)
-            self._spill_thread = threading.Thread(target=self._supervised,
-                                                  args=("spill", self._spill_loop.run, stop),
-                                                  name="iai_queue-spill", daemon=True)
-            self._worker.start()
-            self._spill_thread.start()
+            self._threads.start(stop, self._worker_loop.run, self._spill_loop.run)
             if self._journal is not None:
                 interval = self._cfg.fsync_interval_s if self._cfg.durability.fsyncs else 1.0
-                loop = JournalThread(self._journal, lambda: self._done_seq(), interval)
-                self._journal_thread = threading.Thread(target=self._supervised, args=("journal", loop.run, stop),
-                                                        name="iai_queue-journal", daemon=True)
-                self._journal_thread.start()
+                self._threads.start_journal(stop, JournalThread(self._journal, lambda: self._done_seq(), interval).run)
         # Per start(), by contract: hosts capture the handler from atexit.register.
         atexit.register(self._at_exit)
         return self
@@ -218,55 +214,7 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         """
         timeout = self._cfg.exit_timeout if timeout is None else timeout
         atexit.unregister(self._at_exit)
-        adm, ledger = self._admission, self._ledger
-        with self._lock:
-            if adm.state is Lifecycle.CLOSING:  # another thread is stopping it: wait for that to finish
-                ledger.done_advanced.wait_for(lambda: adm.state is Lifecycle.STOPPED, timeout + 2.0)
-            if adm.state in (Lifecycle.STOPPED, Lifecycle.CLOSING):
-                return ledger.all_done()
-            started = adm.state is Lifecycle.RUNNING
-            # From now on enqueue takes the closed route: it waits for this drain, then writes behind it.
-            adm.set_locked(state=Lifecycle.CLOSING, route=Route.CLOSED)
-            stop, deadline = self._stop, time.monotonic() + timeout
-            stop.request(deadline)  # in the same step: a closed-route caller reads the deadline it waits on
-        held_back = self._journal.close_admission() if self._journal is not None else []
-        adm.worker_wake.set()
-        with self._lock:
-            adm.spill_room.notify_all()
-        worker, spill_thread = self._worker, self._spill_thread
-        if started and worker is not None and worker is not threading.current_thread():
-            worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
-        with self._lock:
-            # From here a worker still stuck in the store does nothing more.
-            stop.abandoned = True
-            older: list[Chunk] = [seen_chunk(b, b.entry_ids) for b in self._delivery.take_over_locked()]
-            older += adm.take_all_pending_locked()
-        if self._journal is not None:  # journaled calls stay in the journal; only the others are spilled
-            older = self._journal.only_unjournaled(older, self._ids.prefix) + held_back
-        if older:
-            self._spiller.spill_or_drop(older, before_own_files=True)
-        if started and spill_thread is not None:
-            adm.spill_wake.set()
-            spill_thread.join(max(1.0, deadline - time.monotonic()))
-        own_files = bool(self._spill.own_files())
-        if self._journal is not None:
-            if self._journal_thread is not None:
-                self._journal_thread.join(1.0)
-            own_files = self._journal.close(self._done_seq()) or own_files
-        with self._lock:
-            # One step: enqueues waiting on the closed route go on once the rest is ours.
-            rest = adm.take_spill_buffer_locked()
-            adm.set_locked(state=Lifecycle.STOPPED)
-            self._closed.left_on_disk = own_files or bool(older) or bool(rest)
-            ledger.done_advanced.notify_all()
-        if rest:  # the spill thread did not get to them (or never ran)
-            self._spiller.spill_or_drop(rest)
-        with self._lock:
-            done = ledger.all_done()
-        self._spill.release()
-        if self._closed.left_on_disk:
-            emit(log, logging.WARNING, "exit.spilled", dir=str(self._cfg.spill_dir))
-        return done
+        return self._stopping.run(timeout)
 
     def _done_seq(self) -> int:
         with self._lock:
@@ -296,9 +244,6 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             self._admission.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done
             return
         self._closed.take(chunk, state, again=self._closed_route)
-
-    def _supervised(self, name: str, run: Callable[[StopSignal], None], stop: StopSignal) -> None:
-        supervised(name, run, stop, lock=self._lock, ledger=self._ledger, backoff=self._backoff)
 
     def _at_exit(self) -> None:
         try:
