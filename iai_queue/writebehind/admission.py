@@ -36,8 +36,8 @@ from typing import Any, Callable, Optional
 from uuid import UUID
 
 from ..events import RateLimiter
-from ..pairs import EntryIds, as_uuid_pairs, known_id_strings, validate_pairs
-from .chunks import Chunk, HeldChunk, chunk_len, chunk_seq, split_chunk
+from ..pairs import EntryIds, known_id_strings, validate_pairs
+from .chunks import Chunk, HeldChunk, chunk_len, chunk_seq, holds_at_least, take_from
 from .config import QueueConfig
 from .ledger import Ledger
 from .lifecycle import Lifecycle
@@ -237,43 +237,11 @@ class Admission:
             self._check_at = self.max_queue_size + 1
 
     def full_batch_waiting(self, max_pairs: int) -> bool:
-        pending = list(self.pending)  # a copy: enqueue appends meanwhile
-        if len(pending) >= max_pairs:
-            return True
-        total = 0
-        for c in pending:
-            total += chunk_len(c)
-            if total >= max_pairs:
-                return True
-        return False
+        return holds_at_least(list(self.pending), max_pairs)  # a copy: enqueue appends meanwhile
 
     def take_locked(self, room: int, ids: EntryIds) -> tuple[list, list, list]:
         """Up to ``room`` pairs from memory: ``(pairs, entry_ids, seqs of calls completed)``."""
-        pairs: list = []
-        eids: list = []
-        done: list = []
-        pending = self.pending
-        prefix = ids.prefix
-        while pending and room:
-            c = pending[0]
-            if type(c) is tuple and len(c[1]) <= room:  # the common case: a whole call, as enqueue left it
-                seq, items = c
-                pending.popleft()
-                n = len(items)
-                pairs += items
-                eids += [f"{prefix}{seq:x}.0"] if n == 1 else ids.of_call(seq, 0, n)
-                done.append(seq)
-                room -= n
-                continue
-            part, part_ids, rest = split_chunk(c, room, ids)
-            pairs += part
-            eids += part_ids
-            room -= len(part)
-            if rest is None:
-                done.append(chunk_seq(pending.popleft()))
-            else:
-                pending[0] = rest
-        pairs = as_uuid_pairs(pairs)  # ids enqueued as strings become UUIDs here, off the hot path
+        pairs, eids, done = take_from(self.pending, room, ids)
         self.ledger.taken += len(pairs)
         return pairs, eids, done
 

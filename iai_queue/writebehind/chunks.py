@@ -13,11 +13,12 @@ entry ids instead of unpacking:
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional, Sequence, Union
 
 from ..pairs import EntryIds, Pair, as_uuid_pairs
 
-__all__ = ["Chunk", "HeldChunk", "chunk_len", "chunk_parts", "chunk_seq", "split_chunk"]
+__all__ = ["Chunk", "HeldChunk", "chunk_len", "chunk_parts", "chunk_seq", "holds_at_least", "split_chunk", "take_from"]
 
 
 class HeldChunk:
@@ -65,3 +66,44 @@ def split_chunk(c: Chunk, room: int, ids: EntryIds) -> tuple[Sequence[Pair], lis
     pairs, part_ids, _ = chunk_parts(c, ids, end)
     rest = HeldChunk(seq, items, end, eids, seen) if end < len(items) else None
     return pairs, part_ids, rest
+
+
+def holds_at_least(chunks: Sequence[Chunk], max_pairs: int) -> bool:
+    """Whether ``chunks`` hold ``max_pairs`` pairs or more (a chunk holds at least one)."""
+    if len(chunks) >= max_pairs:
+        return True
+    total = 0
+    for c in chunks:
+        total += chunk_len(c)
+        if total >= max_pairs:
+            return True
+    return False
+
+
+def take_from(pending: deque, room: int, ids: EntryIds) -> tuple[list, list, list]:
+    """Pop up to ``room`` pairs off the front of ``pending``, in order: ``(pairs, entry ids, seqs of
+    the calls completed)``. A call that does not fit is split; its rest stays at the front."""
+    pairs: list = []
+    eids: list = []
+    done: list = []
+    prefix = ids.prefix
+    while pending and room:
+        c = pending[0]
+        if type(c) is tuple and len(c[1]) <= room:  # the common case: a whole call, as enqueue left it
+            seq, items = c
+            pending.popleft()
+            n = len(items)
+            pairs += items
+            eids += [f"{prefix}{seq:x}.0"] if n == 1 else ids.of_call(seq, 0, n)
+            done.append(seq)
+            room -= n
+            continue
+        part, part_ids, rest = split_chunk(c, room, ids)
+        pairs += part
+        eids += part_ids
+        room -= len(part)
+        if rest is None:
+            done.append(chunk_seq(pending.popleft()))
+        else:
+            pending[0] = rest
+    return as_uuid_pairs(pairs), eids, done  # ids enqueued as strings become UUIDs here, off the hot path
