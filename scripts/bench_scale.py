@@ -97,6 +97,7 @@ def steady(store: MemoryStore, ids: list[str], seconds: float, rate: float, seed
     uids = [UUID(i) for i in ids]
     stop = threading.Event()
     gaps: list[tuple[float, bool]] = []  # (seconds since the previous commit ended, maintenance running)
+    commit_s: list[tuple[float, bool]] = []  # (seconds inside append_provenance_batch, maintenance running)
     written = [0]
     errors: list[str] = []
     running = {"flag": False}
@@ -114,13 +115,16 @@ def steady(store: MemoryStore, ids: list[str], seconds: float, rate: float, seed
             if pause > 0:
                 time.sleep(pause)
             was_running = running["flag"]
+            pairs = [(rnd.choice(uids), {"k": k + j}) for j in range(256)]
+            c0 = time.perf_counter()
             try:
-                store.append_provenance_batch([(rnd.choice(uids), {"k": k + j}) for j in range(256)])
+                store.append_provenance_batch(pairs)
             except Exception as exc:
                 errors.append(repr(exc)[:200])
             k += 256
             now = time.perf_counter()
             gaps.append((now - last, was_running or running["flag"]))
+            commit_s.append((now - c0, was_running or running["flag"]))
             last = now
             written[0] = k
 
@@ -163,6 +167,11 @@ def steady(store: MemoryStore, ids: list[str], seconds: float, rate: float, seed
             "commit_period_ms": round(period * 1000, 1),
             "longest_gap_ms_during_maintenance": round(max(with_m) * 1000, 1) if with_m else None,
             "longest_gap_ms_otherwise": round(max(without) * 1000, 1) if without else None,
+            "longest_commit_ms_during_maintenance": round(max((c for c, m in commit_s if m), default=0) * 1000, 1),
+            "longest_commit_ms_otherwise": round(max((c for c, m in commit_s if not m), default=0) * 1000, 1),
+            "median_commit_ms_during_maintenance / otherwise": [
+                round(statistics.median([c for c, m in commit_s if m] or [0]) * 1000, 1),
+                round(statistics.median([c for c, m in commit_s if not m] or [0]) * 1000, 1)],
             "p99_gap_ms_during_maintenance": round(sorted(with_m)[int(0.99 * (len(with_m) - 1))] * 1000, 1) if with_m else None}
 
 
