@@ -44,11 +44,13 @@ class QueueToggle:
     ``sink``: returns the store (a ``weakref.ref`` to it: the toggle lives in the
     store and must not keep it alive); the queues it makes look its
     ``append_provenance_batch`` up at each write, so a wrapper installed on the
-    store takes effect.
+    store takes effect. ``defaults``: queue options that replace the queue's own
+    defaults for this store (options given to :meth:`enable` and ``IAI_QUEUE_*`` win).
     """
 
-    def __init__(self, sink: Callable[[], Optional[ProvenanceSink]]):
+    def __init__(self, sink: Callable[[], Optional[ProvenanceSink]], defaults: Optional[dict[str, Any]] = None):
         self._sink = sink
+        self._defaults = dict(defaults or {})
         self.live = None  # the live ProvenanceWriteQueue, or None (read on the recall path: one attribute)
         self._retired_queue = None  # a stopped queue still draining or with entries on disk: writes go behind it
         self._sync_queue = None  # a queue that never runs: the synchronous path
@@ -63,7 +65,7 @@ class QueueToggle:
         from .events import emit
         from .writebehind import ProvenanceWriteQueue
 
-        options = resolve_queue_options({"coalesce_ms": coalesce_ms, **queue_options})
+        options = {**self._defaults, **resolve_queue_options({"coalesce_ms": coalesce_ms, **queue_options})}
         with self._sync_lock, self._toggle_lock:
             if self.live is None:
                 q = ProvenanceWriteQueue(self._sink(), **options)

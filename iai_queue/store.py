@@ -51,6 +51,10 @@ __all__ = ["DuplicateIdError", "MemoryRecord", "MemoryStore", "ProvenanceBatch",
 # under sustained appends without compaction it grows ~versions x fragments.
 _METADATA_CACHE_BYTES = 32 << 20
 _INDEX_CACHE_BYTES = 256 << 20
+# An object-store commit is several requests whatever its size, and every one of them
+# makes later reads and commits of the table do more work: the queue on such a store
+# gathers for longer and commits less often (explicit options and IAI_QUEUE_* win).
+_OBJECT_STORE_QUEUE_DEFAULTS = {"coalesce_ms": 500}
 
 
 def default_store_path() -> "Path | str":
@@ -124,7 +128,8 @@ class MemoryStore:
         self._scheduler = make_scheduler(maintenance, loc, self._db, self, MemoryStore.maintain)
         self._provenance_ops = ProvenanceTable(self._provenance, self._known,
                                                self._scheduler.note_rows if self._scheduler is not None else None)
-        self._toggle = QueueToggle(weakref.ref(self))
+        self._toggle = QueueToggle(weakref.ref(self),
+                                   {} if self._location.is_local else _OBJECT_STORE_QUEUE_DEFAULTS)
 
     @property
     def location(self) -> str:
@@ -286,7 +291,9 @@ class MemoryStore:
         """Start routing :meth:`queue_provenance_batch` through a write-behind queue; returns it.
 
         Options not given here come from the ``IAI_QUEUE_*`` environment
-        variables (see :mod:`iai_queue.envconfig`), then the queue's defaults.
+        variables (see :mod:`iai_queue.envconfig`), then the queue's defaults —
+        except that on an object store ``coalesce_ms`` defaults to 500 (fewer,
+        larger commits; each is several requests to the store).
 
         Idempotent: when a queue is already live it is returned unchanged. If
         the options asked for differ from the live queue's, they are *not*

@@ -447,3 +447,45 @@ def test_local_store_maintenance_lock_is_one_process_at_a_time(tmp_path):
     a.release()
     assert b.acquire()
     b.release()
+
+
+def _paced_commits(store: MemoryStore, rec_id, calls: int, every_s: float, **options) -> tuple[int, float]:
+    """Enqueue one pair every ``every_s`` through ``store``'s queue; its commits until all landed, and its coalesce."""
+    commits = []
+    real_append = store.append_provenance_batch
+
+    def counted(pairs, records_cache=None):  # wrapping the instance's method: the sanctioned seam
+        commits.append(len(pairs))
+        return real_append(pairs, records_cache)
+
+    store.append_provenance_batch = counted
+    q = store.enable_provenance_queue(**options)
+    try:
+        for i in range(calls):
+            store.queue_provenance_batch([(rec_id, {"i": i})])
+            time.sleep(every_s)  # the traffic's pace, not a wait for the queue
+        assert wait_for(lambda: q.stats().written == calls, timeout=20)  # landed without a flush
+        return len(commits), q.coalesce_s
+    finally:
+        store.disable_provenance_queue(timeout=20)
+
+
+@pytest.mark.timeout(60)
+def test_queue_on_an_object_store_commits_less_often(s3_store, tmp_path, monkeypatch):
+    monkeypatch.delenv("IAI_QUEUE_COALESCE_MS", raising=False)
+    rec = make_records(1)[0]
+    s3_store.insert(rec)
+    local = MemoryStore(tmp_path / "db", dim=DIM, maintenance="never")
+    local.insert(rec)
+    # 12 pairs over ~0.36 s: a 500 ms coalesce gathers them into one or two commits, 50 ms into many.
+    s3_commits, s3_coalesce = _paced_commits(s3_store, rec.id, 12, 0.03, spill_dir=tmp_path / "s1")
+    local_commits, local_coalesce = _paced_commits(local, rec.id, 12, 0.03, spill_dir=tmp_path / "s2")
+    assert (s3_coalesce, local_coalesce) == (0.5, 0.05)
+    assert s3_commits <= 2 < local_commits
+    assert [e["i"] for e in s3_store.get(rec.id).provenance] == list(range(12))
+    assert s3_store.provenance_rows() == 12
+    # an explicit option, then the environment, win over the object-store default
+    assert _paced_commits(s3_store, rec.id, 1, 0, spill_dir=tmp_path / "s3", coalesce_ms=20)[1] == 0.02
+    monkeypatch.setenv("IAI_QUEUE_COALESCE_MS", "30")
+    assert _paced_commits(s3_store, rec.id, 1, 0, spill_dir=tmp_path / "s4")[1] == 0.03
+    assert s3_store.provenance_rows() == 14
