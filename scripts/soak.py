@@ -23,7 +23,11 @@ they are "refused" and left out of the loss and order counts, not the duplicate 
 
 Prints accepted / written / dropped / duplicated / out-of-order (and more with
 ``--json``) and exits 1 on any loss, duplicate, reorder or unexpected entry, 0
-otherwise. ``--seconds 5`` takes about 15 s.
+otherwise. ``--seconds 5`` takes about 15 s. Each out-of-order pair is named (record,
+thread, both entries' numbers); ``--trace`` adds, for those and for lost entries, every
+store write, spill file and closed-route write that held them: path (memory write, replay,
+closed route, stop's spill, bisect), queue, run, outcome and times — enough to tell the
+mechanism from the first violation (slower: a stack walk per store write).
 
     python scripts/soak.py --seconds 600
 """
@@ -180,12 +184,37 @@ class Trace:
                     pass
             where = trace.path()
             start = trace.now()
-            path = real(directory, lines, **kw)
+            try:
+                path = real(directory, lines, **kw)
+            except BaseException as exc:
+                trace.add(keys, f"{start:.4f}-{trace.now():.4f} spill {where} [{threading.current_thread().name}] "
+                                f"-> FAILED {exc!r}")
+                raise
             trace.add(keys, f"{start:.4f}-{trace.now():.4f} spill {where} [{threading.current_thread().name}] "
                             f"-> {path.name[:19]}..{path.name[-12:]} before_ts={kw.get('before_ts') is not None}")
             return path
 
         SpillDirectory.write = write
+
+        from iai_queue.writebehind.closed import ClosedRoute
+        from iai_queue.writebehind.chunks import chunk_parts
+
+        real_behind = ClosedRoute._write_behind
+
+        def write_behind(route, chunk, state):
+            pairs, _, _ = chunk_parts(chunk, route.ids)
+            keys = trace.keys_of_pairs(pairs)
+            start = trace.now()
+            try:
+                real_behind(route, chunk, state)
+            except BaseException as exc:
+                trace.add(keys, f"{start:.4f}-{trace.now():.4f} closed-route {trace._queue_label(route)} {state.name} "
+                                f"successor={route.successor is not None} -> {exc!r}")
+                raise
+            trace.add(keys, f"{start:.4f}-{trace.now():.4f} closed-route {trace._queue_label(route)} {state.name} "
+                            f"successor={route.successor is not None} -> returned")
+
+        ClosedRoute._write_behind = write_behind
 
     def describe(self, key: tuple[int, int]) -> list[str]:
         with self.lock:
@@ -389,6 +418,9 @@ class Soak:
                         high = max(high, n)
                 if missing and len(examples) < 8:
                     examples.append(f"record {rid[:8]} thread {t}: lost {sorted(missing)[:6]}")
+                    if self.trace is not None:
+                        for n in sorted(missing)[:2]:
+                            examples += [f"  entry {n}:"] + [f"    {e}" for e in self.trace.describe((t, n))]
                 if extra and len(examples) < 8:
                     examples.append(f"record {rid[:8]} thread {t}: never accepted {extra[:6]}")
         rows = self.store.provenance_rows()
@@ -435,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         or not report["drained"]
     print(f"accepted {report['accepted']}  written {report['written']}  dropped {report['dropped']}  "
           f"duplicated {report['duplicated']}  out-of-order {report['out_of_order']}  "
-          f"(unexpected {report['unexpected']}, refused {report['refused']}, {report['seconds']} s, "
+          f"(unexpected {report['unexpected']}, refused {report['refused']}"
+          f"{' ' + str(report['refused_by']) if report['refused_by'] else ''}, {report['seconds']} s, "
           f"{report['queues']} queues, {report['restarts']} restarts)")
     if args.json:
         print(json.dumps(report, indent=2))

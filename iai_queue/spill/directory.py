@@ -324,7 +324,10 @@ class SpillDirectory:
             parts = parse_name(stem_of(n[1:-len(".tmp")]))
             if parts is not None:
                 if parts.writer not in alive:
-                    alive[parts.writer] = parts.writer == self.writer or self._writer_alive(parts.writer)
+                    # A writer of this process is alive whatever its lock says: a stopped queue
+                    # has released its lock, yet may still be writing (an empty tmp between open and flock).
+                    alive[parts.writer] = (parts.writer == self.writer or parts.writer.startswith(f"w{os.getpid()}x")
+                                           or self._writer_alive(parts.writer))
                 if alive[parts.writer]:
                     continue
             else:
