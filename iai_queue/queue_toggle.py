@@ -69,12 +69,14 @@ class QueueToggle:
         with self._sync_lock, self._toggle_lock:
             if self.live is None:
                 q = ProvenanceWriteQueue(self._sink(), **options)
+                last = self._last_queue() if self._last_queue is not None else None
+                if last is not None:
+                    # A caller still holding it lands behind in the live queue (through this toggle: no
+                    # chain of queues); first its write in progress ends, so the start below sees its file.
+                    last.forward_to(self.enqueue)
                 q.start()  # after every disabled-mode write in progress: its spill files are seen
                 self._retired_queue = None
                 self._sync_queue = None  # rebuilt with these options (its spill directory) when next needed
-                last = self._last_queue() if self._last_queue is not None else None
-                if last is not None:
-                    last.forward_to(q.enqueue)  # a caller still holding it lands behind in this one
                 self._last_queue = weakref.ref(q)
                 self.live = q
                 self._queue_options = options

@@ -23,7 +23,11 @@ they are "refused" and left out of the loss and order counts, not the duplicate 
 
 Prints accepted / written / dropped / duplicated / out-of-order (and more with
 ``--json``) and exits 1 on any loss, duplicate, reorder or unexpected entry, 0
-otherwise. ``--seconds 5`` takes about 15 s.
+otherwise. ``--seconds 5`` takes about 15 s. Each out-of-order pair is named (record,
+thread, both entries' numbers); ``--trace`` adds, for those and for lost entries, every
+store write, spill file and closed-route write that held them: path (memory write, replay,
+closed route, stop's spill, bisect), queue, run, outcome and times — enough to tell the
+mechanism from the first violation (slower: a stack walk per store write).
 
     python scripts/soak.py --seconds 600
 """
@@ -31,6 +35,7 @@ otherwise. ``--seconds 5`` takes about 15 s.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -48,6 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from iai_queue import MemoryRecord, MemoryStore, ProvenanceWriteQueue  # noqa: E402
+from iai_queue.spill import SpillDirectory  # noqa: E402
 
 DIM = 8
 
@@ -55,8 +61,9 @@ DIM = 8
 class FlakyStore:
     """Wraps the store's append: fails ``rate`` of the calls, half of them after the real write."""
 
-    def __init__(self, store: MemoryStore, rate: float, seed: int):
+    def __init__(self, store: MemoryStore, rate: float, seed: int, trace: "Trace | None" = None):
         self.real = store.append_provenance_batch
+        self.trace = trace
         self.rate = rate
         self.rnd = random.Random(seed)
         self.lock = threading.Lock()
@@ -67,15 +74,151 @@ class FlakyStore:
         with self.lock:
             self.calls += 1
             roll = self.rnd.random()
+        if self.trace is not None:
+            return self.trace.store_write(pairs, lambda: self._write(roll, pairs, records_cache))
+        return self._write(roll, pairs, records_cache)
+
+    def _write(self, roll: float, pairs, records_cache):
         if roll < self.rate / 2:
             with self.lock:
                 self.refused += 1
             raise ConnectionError("soak: write refused")
-        self.real(pairs, records_cache=records_cache)
+        result = self.real(pairs, records_cache=records_cache)
         if roll < self.rate:
             with self.lock:
                 self.ambiguous += 1
             raise TimeoutError("soak: connection reset after commit")
+        return result
+
+
+class Trace:
+    """``--trace``: what happened to every entry, keyed by ``(thread, n)``, to explain a violation.
+
+    Events: ``accept`` (the enqueue call returned), ``store`` (a store write that
+    held it: the path that wrote it, the queue, the run's abandoned flag, the
+    outcome, start and end times), ``spill`` (a spill file it was written to,
+    and by which path). Paths are read off the writing thread's stack, so the
+    library needs no hooks for this.
+    """
+
+    # The innermost library function that names the path, first match wins.
+    PATHS = (("_is_poison", "poison-retry"), ("_replay_here", "closed-replay"), ("_replay_files", "replay"),
+             ("_write_behind", "closed-write"), ("stop", "stop-spill"), ("spill_or_drop", "late-spill"),
+             ("_deliver", "memory-write"), ("run", "thread"))
+
+    def __init__(self, soak: "Soak"):
+        self.soak = soak
+        self.t0 = time.monotonic()
+        self.lock = threading.Lock()
+        self.events: dict[tuple[int, int], list[str]] = defaultdict(list)
+
+    def _queue_label(self, obj) -> str:
+        for i, q in enumerate(list(self.soak.queues)):
+            if obj in (q._delivery, q._closed, q._spiller, q._spill):
+                return f"q{i}"
+        return f"other@{id(obj) & 0xffff:04x}"  # a synchronous-path queue
+
+    def path(self) -> str:
+        """Where the current write comes from: the path, the queue, bisect/abandoned flags."""
+        frame = inspect.currentframe()
+        names, detail = [], []
+        queue = None
+        while frame is not None:
+            code = frame.f_code
+            if "iai_queue" in code.co_filename:
+                names.append(code.co_name)
+                me = frame.f_locals.get("self")
+                if queue is None and me is not None and type(me).__name__ in ("Delivery", "ClosedRoute", "Spiller"):
+                    queue = self._queue_label(me)
+                if code.co_name == "_deliver":
+                    stop, b = frame.f_locals.get("stop"), frame.f_locals.get("b")
+                    if stop is not None:
+                        detail.append(f"run@{id(stop) & 0xffff:04x}{' ABANDONED' if stop.abandoned else ''}")
+                    if b is not None and me is not None and b is not me.current:
+                        detail.append("bisect")
+                if code.co_name == "run" and "worker" in code.co_filename:
+                    detail.append("worker")
+                if code.co_name == "run" and "spilling" in code.co_filename:
+                    detail.append("spill-thread")
+            frame = frame.f_back
+        kind = next((label for fn, label in self.PATHS if fn in names), "?")
+        return " ".join([kind, queue or "q?"] + detail)
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.t0, 4)
+
+    def add(self, keys, text: str) -> None:
+        with self.lock:
+            for key in keys:
+                self.events[key].append(text)
+
+    @staticmethod
+    def keys_of_pairs(pairs) -> list[tuple[int, int]]:
+        return [(e["t"], e["n"]) for _, e in pairs if isinstance(e, dict) and "t" in e]
+
+    def store_write(self, pairs, write):
+        """Run ``write()`` (the store call for ``pairs``), recording it."""
+        keys = self.keys_of_pairs(pairs)
+        where = f"{self.path()} verify={int(bool(getattr(pairs, 'verify', False)))} size={len(pairs)}"
+        start = self.now()
+        try:
+            result = write()
+        except BaseException as exc:
+            self.add(keys, f"{start:.4f}-{self.now():.4f} store {where} [{threading.current_thread().name}] "
+                           f"-> {type(exc).__name__}: {exc}")
+            raise
+        self.add(keys, f"{start:.4f}-{self.now():.4f} store {where} [{threading.current_thread().name}] -> ok")
+        return result
+
+    def install_spill_hook(self) -> None:
+        real = SpillDirectory.write
+        trace = self
+
+        def write(directory, lines, **kw):
+            keys = []
+            for raw in lines:
+                try:
+                    e = json.loads(raw)["entry"]
+                    keys.append((e["t"], e["n"]))
+                except (ValueError, KeyError, TypeError):
+                    pass
+            where = trace.path()
+            start = trace.now()
+            try:
+                path = real(directory, lines, **kw)
+            except BaseException as exc:
+                trace.add(keys, f"{start:.4f}-{trace.now():.4f} spill {where} [{threading.current_thread().name}] "
+                                f"-> FAILED {exc!r}")
+                raise
+            trace.add(keys, f"{start:.4f}-{trace.now():.4f} spill {where} [{threading.current_thread().name}] "
+                            f"-> {path.name[:19]}..{path.name[-12:]} before_ts={kw.get('before_ts') is not None}")
+            return path
+
+        SpillDirectory.write = write
+
+        from iai_queue.writebehind.closed import ClosedRoute
+        from iai_queue.writebehind.chunks import chunk_parts
+
+        real_behind = ClosedRoute._write_behind
+
+        def write_behind(route, chunk, state):
+            pairs, _, _ = chunk_parts(chunk, route.ids)
+            keys = trace.keys_of_pairs(pairs)
+            start = trace.now()
+            try:
+                real_behind(route, chunk, state)
+            except BaseException as exc:
+                trace.add(keys, f"{start:.4f}-{trace.now():.4f} closed-route {trace._queue_label(route)} {state.name} "
+                                f"successor={route.successor is not None} -> {exc!r}")
+                raise
+            trace.add(keys, f"{start:.4f}-{trace.now():.4f} closed-route {trace._queue_label(route)} {state.name} "
+                            f"successor={route.successor is not None} -> returned")
+
+        ClosedRoute._write_behind = write_behind
+
+    def describe(self, key: tuple[int, int]) -> list[str]:
+        with self.lock:
+            return list(self.events.get(key, []))
 
 
 class Soak:
@@ -101,6 +244,9 @@ class Soak:
         self.queues: list[ProvenanceWriteQueue] = []
         self.live: ProvenanceWriteQueue | None = None
         self.errors: list[str] = []
+        self.trace = Trace(self) if args.trace else None
+        if self.trace is not None:
+            self.trace.install_spill_hook()
         self.toggles = self.restarts = self.flushes = 0
 
     # -- the actors ----------------------------------------------------------------------------
@@ -120,7 +266,13 @@ class Soak:
                     pairs.append((rec.id, {"t": t, "n": n}))
                     n += 1
                 try:
-                    self.store.queue_provenance_batch(pairs)
+                    if self.trace is not None:
+                        begun = self.trace.now()
+                        self.store.queue_provenance_batch(pairs)
+                        self.trace.add(Trace.keys_of_pairs(pairs), f"{begun:.4f}-{self.trace.now():.4f} accept "
+                                       f"live={self.trace._queue_label(getattr(self.live, '_delivery', None))}")
+                    else:
+                        self.store.queue_provenance_batch(pairs)
                 except Exception as exc:  # a synchronous write failed, and the caller was told
                     refused.update((t, e["n"]) for _, e in pairs)
                     kinds[type(exc).__name__] += 1
@@ -182,7 +334,7 @@ class Soak:
     # -- the run and the verdict -----------------------------------------------------------------
 
     def run(self) -> dict:
-        flaky = FlakyStore(self.store, self.args.fail_rate, self.args.seed)
+        flaky = FlakyStore(self.store, self.args.fail_rate, self.args.seed, self.trace)
         threads = [threading.Thread(target=self.enqueuer, args=(t,), name=f"soak-enqueuer-{t}")
                    for t in range(self.args.threads)]
         threads += [threading.Thread(target=f, name=f"soak-{f.__name__}")
@@ -230,6 +382,7 @@ class Soak:
         accepted = sum(len(v) for v in self.accepted.values())
         written = lost = doubled = out_of_order = unexpected = distinct = refused_landed = 0
         examples: list[str] = []
+        violations: list[dict] = []
         for rec in self.records:
             rid = str(rec.id)
             shown = [(e["t"], e["n"]) for e in self.store.get(rec.id).provenance]
@@ -260,15 +413,28 @@ class Soak:
                     if n in want_set:
                         if n < high:
                             out_of_order += 1
+                            if len(violations) < self.args.show_violations:
+                                violations.append(dict(record=rid, thread=t, landed_late=n, landed_before_it=high))
                         high = max(high, n)
                 if missing and len(examples) < 8:
                     examples.append(f"record {rid[:8]} thread {t}: lost {sorted(missing)[:6]}")
+                    if self.trace is not None:
+                        for n in sorted(missing)[:2]:
+                            examples += [f"  entry {n}:"] + [f"    {e}" for e in self.trace.describe((t, n))]
                 if extra and len(examples) < 8:
                     examples.append(f"record {rid[:8]} thread {t}: never accepted {extra[:6]}")
         rows = self.store.provenance_rows()
         return dict(accepted=accepted, written=written, dropped=lost, duplicated=rows - distinct, shown_twice=doubled,
                     out_of_order=out_of_order, unexpected=unexpected, refused=len(self.refused),
-                    refused_landed=refused_landed, rows=rows, examples=examples)
+                    refused_landed=refused_landed, rows=rows, examples=examples,
+                    violations=[self._explain(v) for v in violations])
+
+    def _explain(self, v: dict) -> dict:
+        """One out-of-order pair: both entries' numbers, thread, record (and, with --trace, their paths)."""
+        if self.trace is not None:
+            v["trace"] = {str(v["landed_late"]): self.trace.describe((v["thread"], v["landed_late"])),
+                          str(v["landed_before_it"]): self.trace.describe((v["thread"], v["landed_before_it"]))}
+        return v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,9 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dir", type=Path, help="where to make the temporary work directory (removed after)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--trace", action="store_true",
+                   help="record every entry's path (store writes, spills, the path and queue of each) and print it "
+                        "for each out-of-order pair (slower: a stack walk per store write)")
+    p.add_argument("--show-violations", type=int, default=5, metavar="N",
+                   help="describe at most N out-of-order pairs (default 5)")
     args = p.parse_args(argv)
-    if args.seconds <= 0 or args.threads < 1 or args.records < 1 or not 0 <= args.fail_rate < 1:
-        p.error("--seconds > 0, --threads >= 1, --records >= 1 and 0 <= --fail-rate < 1")
+    if args.seconds <= 0 or args.threads < 1 or args.records < 1 or not 0 <= args.fail_rate < 1 \
+            or args.show_violations < 0:
+        p.error("--seconds > 0, --threads >= 1, --records >= 1, 0 <= --fail-rate < 1 and --show-violations >= 0")
     logging.basicConfig(level=logging.CRITICAL)  # the chaos logs a lot on purpose; the verdict is below
 
     # The store's background maintenance may still be finishing a compaction as the
@@ -295,10 +467,18 @@ def main(argv: list[str] | None = None) -> int:
         or not report["drained"]
     print(f"accepted {report['accepted']}  written {report['written']}  dropped {report['dropped']}  "
           f"duplicated {report['duplicated']}  out-of-order {report['out_of_order']}  "
-          f"(unexpected {report['unexpected']}, refused {report['refused']}, {report['seconds']} s, "
+          f"(unexpected {report['unexpected']}, refused {report['refused']}"
+          f"{' ' + str(report['refused_by']) if report['refused_by'] else ''}, {report['seconds']} s, "
           f"{report['queues']} queues, {report['restarts']} restarts)")
     if args.json:
         print(json.dumps(report, indent=2))
+    for v in report["violations"]:
+        print(f"  out of order: record {v['record'][:8]} thread {v['thread']}: entry {v['landed_late']} landed "
+              f"after entry {v['landed_before_it']}", file=sys.stderr)
+        for n, events in v.get("trace", {}).items():
+            print(f"    entry {n}:", file=sys.stderr)
+            for e in events:
+                print(f"      {e}", file=sys.stderr)
     for line in report["examples"] + report["errors"]:
         print(f"  {line}", file=sys.stderr)
     if not report["drained"]:

@@ -385,6 +385,26 @@ def test_item18_empty_dead_tmp_is_removed_not_quarantined(store, records, spill_
     assert [e["n"] for e in store.get(records[0].id).provenance] == [0]
 
 
+@pytest.mark.timeout(30)
+def test_item18_dead_writer_with_this_processs_pid_is_still_dead(store, records, spill_dir):
+    # A container restarts its server with the same pid: a dead writer's name then carries our pid.
+    # Only writer names this process made count as ours, so its tmp is recovered and replayed.
+    spill_dir.mkdir(parents=True)
+    writer = f"w{os.getpid()}xdeadbeef"
+    tmp = spill_dir / ("." + orphan_name(store.path, 1, writer=writer) + ".tmp")
+    tmp.write_bytes(spill_line(records[0].id, {"n": 0}, eid="reused-0") + spill_line(records[0].id, {"n": 1}, eid="reused-1"))
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
+    try:
+        wait_for(lambda: not tmp.exists() and not pending_spill_files(spill_dir), 5,
+                 what="the dead writer's tmp to be recovered and replayed")
+        q.enqueue([(records[0].id, {"n": 2})])
+        assert q.flush(FLUSH_S)
+    finally:
+        stop_quietly(q, 2)
+    assert [e["n"] for e in store.get(records[0].id).provenance] == [0, 1, 2]
+    assert store.provenance_rows() == 3
+
+
 # -- item 19: quarantine files carry the store tag ------------------------------------------------------------
 
 @pytest.mark.timeout(40)

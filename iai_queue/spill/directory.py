@@ -27,7 +27,6 @@ Quarantine
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -40,8 +39,8 @@ from .housekeeping import recover_tmp_files, remove_stale_writer_locks, writer_a
 from .locks import lock_fd, locks_available, try_flock, unlock
 from .quarantine_files import quarantine_bytes, quarantine_lines
 from .stores import record_store_location
-from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, parse_name, stem_of,
-                    store_tag, writer_lock_name)
+from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, new_writer_name, parse_name,
+                    stem_of, store_tag, writer_lock_name)
 
 __all__ = ["SpillDirectory", "ensure_private_dir", "fsync_dir"]
 
@@ -60,7 +59,7 @@ class SpillDirectory:
         self.path = Path(path)
         self.store = tag if tag is not None else store_tag(store_path)
         self._store_path = store_path
-        self.writer = f"w{os.getpid()}x{secrets.token_hex(4)}"
+        self.writer = new_writer_name()
         self._counter = 0
         self._last_ts = 0
         self._writer_fd: Optional[int] = None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .durable import fsync_dir
 from .locks import try_flock, unlock
-from .names import is_tmp_name, parse_name, stem_of, writer_lock_name
+from .names import is_tmp_name, is_writer_of_this_process, parse_name, stem_of, writer_lock_name
 
 __all__ = ["writer_alive", "recover_tmp_files", "remove_stale_writer_locks"]
 
@@ -54,7 +54,10 @@ def recover_tmp_files(path: Path, regular_names: list[str], own_writer: str) -> 
         parts = parse_name(stem_of(n[1:-len(".tmp")]))
         if parts is not None:
             if parts.writer not in alive:
-                alive[parts.writer] = parts.writer == own_writer or writer_alive(path, parts.writer)
+                # A writer of this process is alive whatever its lock says: a stopped queue has
+                # released its lock, yet may still be writing (an empty tmp between open and flock).
+                alive[parts.writer] = (parts.writer == own_writer or is_writer_of_this_process(parts.writer)
+                                       or writer_alive(path, parts.writer))
             if alive[parts.writer]:
                 continue
         else:

@@ -25,9 +25,10 @@ import os
 import re
 from enum import Enum
 from pathlib import Path
+import secrets
 from typing import NamedTuple, Optional
 
-__all__ = ["FileState", "SpillName", "default_spill_dir", "file_state", "is_journal_name", "is_pending_name", "is_quarantined_name",
+__all__ = ["FileState", "is_writer_of_this_process", "new_writer_name", "SpillName", "default_spill_dir", "file_state", "is_journal_name", "is_pending_name", "is_quarantined_name",
            "parse_name", "stem_of", "store_tag"]
 
 _FAILED = re.compile(r"\.failed-\d+\.(?:jsonl|wal)$")
@@ -130,3 +131,23 @@ def writer_lock_name(writer: str) -> str:
 
 
 REPLAY_LOCK = ".replay.lock"
+
+
+# Writer names this process made. A pid is no test: containers restart a server with the same
+# pid, and a dead writer's files would then pass for this process's and wait forever.
+_WRITERS_OF_THIS_PROCESS: set[str] = set()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WRITERS_OF_THIS_PROCESS.clear)
+
+
+def new_writer_name() -> str:
+    """A fresh writer name (``w<pid>x<random>``), remembered as one of this process's."""
+    name = f"w{os.getpid()}x{secrets.token_hex(4)}"
+    _WRITERS_OF_THIS_PROCESS.add(name)
+    return name
+
+
+def is_writer_of_this_process(writer: str) -> bool:
+    """Whether a queue of this process wrote under ``writer`` (alive whatever its lock says: a
+    stopped queue releases its lock, yet may still be writing a late spill)."""
+    return writer in _WRITERS_OF_THIS_PROCESS

@@ -190,6 +190,9 @@ class Admission:
             self._set(route=Route.BEHIND_SPILL)
         if self.spill_buffer_pairs + self.spill_in_flight + n > self.max_memory_pairs and self._over_bound(chunk, n):
             return  # dropped
+        if self.route is Route.MEMORY and self.state is Lifecycle.RUNNING:
+            # The worker refilled memory while we waited for room: later chunks must not pass this one.
+            self._set(route=Route.BEHIND_SPILL)
         self.spill_buffer.append(chunk)
         self.spill_buffer_pairs += n
         if not self.spill_wake.is_set():

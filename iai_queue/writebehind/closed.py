@@ -7,14 +7,26 @@ this one (the store's toggle links them), or written on the caller's thread —
 after replaying, on that thread, whatever this store still has waiting on disk —
 or, when the store fails, spilled behind what is on disk. Never beside the drain,
 never beside a ``start()``: closed-route writes hold ``lock``, and ``start()`` takes it too.
+
+Guarantee 4 (order), the synchronous half: a write on the caller's thread goes to
+the store only when the spill directory holds nothing of this store that was
+accepted before it — asked of the directory at every write, not of a flag: files
+of any queue of this process (the store's toggle makes one queue after another,
+and a caller may still hold any of them), files of dead writers, and spill files
+still being written. What waits is replayed here first, under the directory's
+replay lock (one replayer at a time, so one run of files is never written side
+by side); when some of it cannot be (another replayer has it, the store fails),
+the entry is spilled behind it, named after every file there.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable, Optional
 
+from ..events import emit
 from ..pairs import EntryIds, ProvenanceBatch
 from ..spill import SpillDirectory
 from .admission import Admission
@@ -22,10 +34,12 @@ from .chunks import Chunk, HeldChunk, chunk_parts, chunk_seq
 from .delivery import Delivery
 from .ledger import Ledger
 from .lifecycle import Abandoned, GiveUp, Lifecycle, StopSignal
-from .replay import Replayer
+from .replay import Replayer, files_waiting
 from .spilling import Spiller
 
 __all__ = ["CLOSING_WAIT_MARGIN_S", "ClosedRoute"]
+
+log = logging.getLogger("iai_queue.queue")
 
 CLOSING_WAIT_MARGIN_S = 5.0  # beyond stop()'s own deadline: its joins and final spills
 
@@ -48,7 +62,13 @@ class ClosedRoute:
         self.replay_budget_s = replay_budget_s
         self.lock = threading.RLock()  # closed-route writes, one at a time; start() waits for them
         self.left_on_disk = False  # entries this queue accepted wait in spill files
-        self.successor: Optional[Callable[[list], None]] = None  # the queue that replaced this one
+        self.successor: Optional[Callable[[list], None]] = None  # where later writes go (the store's toggle)
+
+    def forward_to(self, enqueue: Callable[[list], None]) -> None:
+        """Later writes go to ``enqueue``; returns once a closed-route write in progress is done (its
+        spill file, if any, in place), so a queue started after this sees that file and goes behind it."""
+        with self.lock:
+            self.successor = enqueue
 
     def wait_for_drain(self) -> Lifecycle:
         """While ``stop()`` drains, wait for it (bounded); the state after."""
@@ -79,26 +99,32 @@ class ClosedRoute:
             return
         with self.queue_lock:
             self.ledger.accepted_elsewhere += len(pairs)
-        if state is Lifecycle.STOPPED:
-            if self.left_on_disk:  # what waits on disk goes first: replayed here, on the caller's thread
-                self.left_on_disk = not self._replay_here()
-            if not self.left_on_disk:
-                error = self.delivery.try_write(ProvenanceBatch(pairs, eids))  # unencodable entries set aside there
-                if error is None:
-                    with self.queue_lock:
-                        self.ledger.mark_done((seq,))
-                    return
+        if state is Lifecycle.STOPPED and self._nothing_earlier_on_disk():
+            error = self.delivery.try_write(ProvenanceBatch(pairs, eids))  # unencodable entries set aside there
+            if error is None:
+                with self.queue_lock:
+                    self.ledger.mark_done((seq,))
+                return
         self.left_on_disk = True
         self.spiller.spill_or_drop([HeldChunk(seq, tuple(pairs), 0, eids, True)])
         self.directory.release()
 
-    def _replay_here(self) -> bool:
-        """Replay this store's waiting spill files on the calling thread (bounded). True when none is left."""
+    def _nothing_earlier_on_disk(self) -> bool:
+        """True when no spill file of this store waits; replays what does here first (bounded)."""
+        if not files_waiting(self.directory):
+            self.left_on_disk = False
+            return True
         stop = StopSignal()
         stop.deadline = time.monotonic() + self.replay_budget_s
         try:
-            while self.replayer.replay_some(stop):
+            while self.replayer.replay_some(stop, own_under_lock=True):
                 pass
+            self.left_on_disk = files_waiting(self.directory)
         except (GiveUp, Abandoned):
             return False
-        return not self.directory.replayable()
+        except OSError as exc:  # the directory, never the caller's problem: spilled behind, replayed later
+            with self.queue_lock:
+                self.ledger.count(spill_errors=1)
+            emit(log, logging.WARNING, "replay.failed", error=str(exc), where="closed route")
+            return False
+        return not self.left_on_disk

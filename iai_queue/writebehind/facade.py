@@ -41,7 +41,7 @@ from .journaling import JournaledAdmission, JournalThread, journal_parts
 from .ledger import Ledger
 from .lifecycle import Backoff, Lifecycle, StopSignal
 from .quarantine import Quarantine
-from .replay import Replayer
+from .replay import Replayer, files_waiting
 from .spilling import Spiller, SpillThread
 from .stats import QueueStats
 from .stopping import StopSequence
@@ -164,9 +164,10 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         self._retired = True
 
     def forward_to(self, enqueue: Callable[[list], None]) -> None:
-        """After ``stop()``: hand later enqueues to ``enqueue`` (the queue that replaced this one), so a
-        caller still holding this queue lands behind what the new one holds, not beside it."""
-        self._closed.successor = enqueue
+        """After ``stop()``: hand later enqueues to ``enqueue`` (the store's toggle: to its live queue), so a
+        caller still holding this queue lands behind what the new one holds, not beside it. Returns once a
+        closed-route write in progress has ended: start the new queue after this call."""
+        self._closed.forward_to(enqueue)
 
     @property
     def left_on_disk(self) -> bool:
@@ -192,7 +193,7 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             self._spill.reopen()
             stop = self._stop = StopSignal()
             # Spill files of our store already waiting: new entries go behind them.
-            behind = adm.route is not Route.MEMORY or bool(self._spill.replayable())
+            behind = adm.route is not Route.MEMORY or files_waiting(self._spill)
             if self._journal is not None:  # write-ahead: behind them in the journal's backlog instead
                 self._journal.start(hold=behind or bool(self._journal_replayer.orphans()))
                 behind = False

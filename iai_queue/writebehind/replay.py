@@ -22,12 +22,13 @@ import time
 from ..events import RateLimiter, emit
 from ..pairs import ProvenanceSink
 from ..spill import SpillDirectory, parse_file
+from ..spill.names import is_pending_name, is_tmp_name, is_writer_of_this_process, parse_name, stem_of
 from .delivery import Batch, Delivery
 from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
 from .quarantine import Quarantine
 
-__all__ = ["Replayer"]
+__all__ = ["Replayer", "files_waiting"]
 
 log = logging.getLogger("iai_queue.queue")
 
@@ -60,8 +61,13 @@ class Replayer:
         return cls(lock, ledger, directory, delivery, quarantine, warn, batch_pairs=batch_pairs,
                    retry_unreadable_s=retry_max_s)
 
-    def replay_some(self, stop: StopSignal) -> bool:
+    def replay_some(self, stop: StopSignal, own_under_lock: bool = False) -> bool:
         """Replay the oldest files this process may claim. True when it replayed (or quarantined) any.
+
+        ``own_under_lock``: replay our own files under the replay lock too, like
+        orphans — for a stopped queue, whose files every other replayer of the
+        store already takes for orphans: two replayers of one run of files
+        would write them side by side, out of order.
 
         Raises GiveUp/Abandoned as :meth:`Delivery.deliver` does; the file
         being written then stays claimed, for a verified replay later.
@@ -71,7 +77,7 @@ class Replayer:
         files = [f for f in directory.replayable() if self._skip_until.get(f[0], 0.0) <= now]
         if not files:
             return self._recover_lone_tmp_files()
-        if files[0][1]:
+        if files[0][1] and not own_under_lock:
             self._replay_files(self._oldest_run(files), stop)
             return True
         with directory.replay_lock() as held:
@@ -79,9 +85,14 @@ class Replayer:
                 return False
             if directory.recover_tmp_files():
                 files = directory.replayable()
-            if files[0][1]:
+            if not files:
                 return True  # the picture changed under us: look again
-            self._replay_files(self._oldest_run(files), stop)
+            if own_under_lock:
+                self._replay_files([name for name, _ in files], stop)  # one replayer: every kind, in order
+            elif files[0][1]:
+                return True  # the picture changed under us: look again
+            else:
+                self._replay_files(self._oldest_run(files), stop)
             directory.remove_stale_writer_locks()
             return True
 
@@ -162,3 +173,26 @@ class Replayer:
                  verified=recovered)
             with self.lock:
                 self.ledger.file_replayed(name)
+
+
+def files_waiting(directory: SpillDirectory) -> bool:
+    """Spill files of this store that a write made now would overtake.
+
+    Those a replayer of ``directory`` may take (its own, and dead writers'), and
+    every file of this store written by a queue of this process — a live one's,
+    or a ``.tmp`` a stopping queue is still writing — whose entries were accepted
+    before now. Another process's live writer is not waited for: order is per process.
+    """
+    if directory.replayable():
+        return True
+    for name in directory.regular_names():
+        if is_tmp_name(name):
+            stem = stem_of(name[1:-len(".tmp")])
+        elif is_pending_name(name) or name.endswith(".claimed"):
+            stem = stem_of(name)
+        else:
+            continue
+        parts = parse_name(stem)
+        if parts is not None and parts.store == directory.store and is_writer_of_this_process(parts.writer):
+            return True
+    return False

@@ -26,7 +26,7 @@ from .config import QueueConfig
 from .delivery import Batch, Delivery
 from .ledger import Ledger
 from .lifecycle import Abandoned, GiveUp, Lifecycle, StopSignal
-from .replay import Replayer
+from .replay import Replayer, files_waiting
 
 __all__ = ["Worker"]
 
@@ -123,8 +123,8 @@ class Worker:
         if adm.route is not Route.BEHIND_SPILL:
             return False
         generation = self.ledger.n["spilled_files"]
-        if self.directory.replayable():
-            return False  # ours are still on disk, or orphans of our store wait for their replayer
+        if files_waiting(self.directory):
+            return False  # ours are still on disk, or earlier files of our store wait for their replayer
         with self.lock:
             return adm.refill_locked(generation)
 

@@ -1,0 +1,216 @@
+"""Order per record across the toggle's paths: the reorders the chaos soak found under CPU load.
+
+Each test forces one interleaving the soak's ``--trace`` showed, with the
+sanctioned seams only (a wrapper on the store instance's
+``append_provenance_batch``) and events, never sleeps; real LanceDB in
+``tmp_path``, and checks order per record, ``get()`` and the row count.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from _loss_helpers import FAST, drain
+from iai_queue import ProvenanceWriteQueue
+
+
+class RefuseNext:
+    """Wraps ``store.append_provenance_batch``: the next ``n`` writes fail before writing anything."""
+
+    def __init__(self, store, n: int = 1):
+        self.real = store.append_provenance_batch
+        self.left = n
+        self.refused = 0
+        store.append_provenance_batch = self
+
+    def __call__(self, pairs, records_cache=None):
+        if self.left > 0:
+            self.left -= 1
+            self.refused += 1
+            raise ConnectionError("test: write refused")
+        return self.real(pairs, records_cache=records_cache)
+
+
+def _order(store, rid) -> list:
+    return [e["n"] for e in store.get(rid).provenance]
+
+
+@pytest.mark.timeout(60)
+def test_sync_write_never_overtakes_what_a_replaced_queue_spilled_after_disable(store, records, spill_dir):
+    """The soak's trace: a caller still holding a disabled queue writes through its closed route; the
+    store refuses, so the entry is spilled (after the disable had found the queue drained clean). The
+    same caller's next write takes the store's synchronous path — it must land behind that entry,
+    not in front of it (it did: the synchronous path knew only its own files)."""
+    rid = records[0].id
+    q = store.enable_provenance_queue(spill_dir=spill_dir, **FAST)
+    store.queue_provenance_batch([(rid, {"n": 0})])
+    store.disable_provenance_queue()  # drained clean: nothing left to keep order behind, so far
+    assert _order(store, rid) == [0]
+    refuse = RefuseNext(store)
+    held: ProvenanceWriteQueue = q  # a caller that read the live queue just before the disable
+
+    def caller() -> None:
+        held.enqueue([(rid, {"n": 1})])  # closed route: the write is refused, the entry spilled
+        store.queue_provenance_batch([(rid, {"n": 2})])  # disabled: the synchronous path
+
+    t = threading.Thread(target=caller)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert refuse.refused == 1
+    drain(store, spill_dir)
+    assert _order(store, rid) == [0, 1, 2]
+    assert store.provenance_rows() == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_queues_late_spill_is_not_taken_for_a_dead_writers_empty_tmp(store, records, spill_dir,
+                                                                               monkeypatch):
+    """A stopped queue has released its writer lock, yet its closed route still spills (the store
+    refused the write). Another replayer of this process recovering tmp files at the instant between
+    the spill's open() and its flock saw an empty tmp of a "dead" writer and removed it: the spill's
+    rename failed and the accepted entry was dropped on a healthy disk (the soak's --trace: "spill
+    closed-write -> FAILED FileNotFoundError")."""
+    import iai_queue.spill.directory as directory_module
+
+    rid = records[0].id
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
+    q.enqueue([(rid, {"n": 0})])
+    assert q.flush(5)
+    q.stop()  # released: its later files are orphans at once
+    other = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST)  # another replayer (never started)
+    real_lock_fd = directory_module.lock_fd
+    recovered = []
+
+    def recoverer_runs_between_open_and_flock(fd):
+        if not recovered:
+            with other.spill_directory.replay_lock() as held:
+                assert held
+                recovered.append(other.spill_directory.recover_tmp_files())
+        return real_lock_fd(fd)
+
+    monkeypatch.setattr(directory_module, "lock_fd", recoverer_runs_between_open_and_flock)
+    RefuseNext(store)
+    q.enqueue([(rid, {"n": 1})])  # closed route: refused, so spilled by the stopped queue
+    monkeypatch.setattr(directory_module, "lock_fd", real_lock_fd)
+    assert recovered, "the recoverer never ran"
+    assert q.stats().dropped == 0
+    drain(store, spill_dir)
+    assert _order(store, rid) == [0, 1]
+    assert store.provenance_rows() == 2
+
+
+class HoldThenRefuse:
+    """Wraps ``store.append_provenance_batch``: the first write waits for ``release``, then fails unwritten."""
+
+    def __init__(self, store):
+        self.real = store.append_provenance_batch
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.first = True
+        store.append_provenance_batch = self
+
+    def __call__(self, pairs, records_cache=None):
+        if self.first:
+            self.first = False
+            self.entered.set()
+            assert self.release.wait(30)
+            raise ConnectionError("test: write refused")
+        return self.real(pairs, records_cache=records_cache)
+
+
+@pytest.mark.timeout(60)
+def test_a_queue_enabled_during_a_replaced_queues_closed_write_starts_behind_its_spill(store, records, spill_dir):
+    """The soak's trace: a caller holding a replaced queue writes through its closed route; while the
+    store holds that write, the toggle enables a new queue, which found no file and started on the
+    memory route. The write then failed and was spilled — and the caller's next entry, in the new
+    queue's memory, landed before it. Enabling now waits for that write to end (its spill in place)."""
+    rid = records[0].id
+    old = store.enable_provenance_queue(spill_dir=spill_dir, **FAST)
+    store.queue_provenance_batch([(rid, {"n": 0})])
+    store.disable_provenance_queue()
+    hold = HoldThenRefuse(store)
+    caller = threading.Thread(target=old.enqueue, args=([(rid, {"n": 1})],))  # holds the replaced queue
+    caller.start()
+    assert hold.entered.wait(10), "the closed route never reached the store"
+    forwarding = threading.Event()
+    real_forward_to = old.forward_to
+
+    def forward_to(enqueue):
+        forwarding.set()
+        real_forward_to(enqueue)
+
+    old.forward_to = forward_to  # on the instance: the store's toggle calls it while enabling
+    enabled: list = []
+    enabler = threading.Thread(target=lambda: enabled.append(store.enable_provenance_queue(spill_dir=spill_dir,
+                                                                                             **FAST)))
+    enabler.start()
+    assert forwarding.wait(10), "enable never linked the replaced queue"
+    hold.release.set()  # the held write fails: the closed route spills the entry
+    caller.join(30)
+    enabler.join(30)
+    assert not caller.is_alive() and not enabler.is_alive()
+    new = enabled[0]
+    store.queue_provenance_batch([(rid, {"n": 2})])  # the same caller's next entry, to the live queue
+    try:
+        assert new.flush(10)
+    finally:
+        store.disable_provenance_queue()
+    drain(store, spill_dir)
+    assert _order(store, rid) == [0, 1, 2]
+    assert store.provenance_rows() == 3
+
+
+class SignalingCondition(threading.Condition):
+    """``threading.Condition`` that tells the test when someone starts waiting on it."""
+
+    def __init__(self, lock):
+        super().__init__(lock)
+        self.waiting = threading.Event()
+
+    def wait(self, timeout=None):
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+@pytest.mark.timeout(30)
+def test_a_chunk_that_waited_for_spill_room_keeps_its_place_when_memory_was_refilled_meanwhile(tmp_path):
+    """The plain overflow path (no stop, no toggle): a caller waits for room in the spill buffer
+    (backpressure; the lock is released while it waits); meanwhile the worker refills memory from the
+    spill buffer and turns the route back to memory. The caller's chunk then went into the spill buffer
+    while its next call went to memory, past it (entry 56 landing after 58-72 in a run of
+    test_control_threads_overflowing_a_slow_store_lose_nothing). Admission is driven directly with its
+    own lock, as the worker and the spill thread drive it; the waiting caller is a real thread."""
+    from iai_queue.events import RateLimiter
+    from iai_queue.writebehind.admission import Admission, Route
+    from iai_queue.writebehind.config import QueueConfig
+    from iai_queue.writebehind.ledger import Ledger
+    from iai_queue.writebehind.lifecycle import Lifecycle
+    from iai_queue.pairs import EntryIds
+    import uuid
+
+    lock = threading.Lock()
+    cfg = QueueConfig.from_options(spill_dir=tmp_path, max_queue_size=8, max_memory_pairs=2)
+    ledger = Ledger(lock)
+    adm = Admission(lock, cfg, ledger, RateLimiter(), on_closed=lambda chunk: pytest.fail("closed route"))
+    adm.spill_room = room = SignalingCondition(lock)
+    adm.set_locked(state=Lifecycle.RUNNING, route=Route.BEHIND_SPILL)
+    rid = uuid.uuid4()
+    adm.enqueue([(rid, {"who": "other", "n": 0}), (rid, {"who": "other", "n": 1})])  # the buffer is full
+    caller = threading.Thread(target=adm.enqueue, args=([(rid, {"who": "me", "n": 0})],))
+    caller.start()
+    assert room.waiting.wait(10), "the caller never waited for room"
+    with lock:  # the worker's idle work: no file waits, so memory is refilled from the buffer
+        assert adm.refill_locked(ledger.n["spilled_files"])
+        room.notify_all()
+    caller.join(10)
+    assert not caller.is_alive()
+    adm.enqueue([(rid, {"who": "me", "n": 1})])  # the same caller's next call
+    with lock:
+        pairs, _, _ = adm.take_locked(100, EntryIds())
+        served = [(e["who"], e["n"]) for _, e in pairs]  # memory first ...
+        served += [(e["who"], e["n"]) for c in adm.spill_buffer for _, e in c[1]]  # ... then what is behind it
+    mine = [n for who, n in served if who == "me"]
+    assert mine == [0, 1], served
