@@ -102,6 +102,57 @@ def test_a_stopped_queues_late_spill_is_not_taken_for_a_dead_writers_empty_tmp(s
     assert store.provenance_rows() == 2
 
 
+_RECOVER_IN_ANOTHER_PROCESS = """
+import sys
+from iai_queue.spill import SpillDirectory
+sd = SpillDirectory(sys.argv[1], tag=sys.argv[2])
+with sd.replay_lock() as held:
+    assert held
+    print(sd.recover_tmp_files())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_late_spill_whose_empty_tmp_another_process_removed_is_written_anew(store, records, spill_dir,
+                                                                              monkeypatch):
+    """The same window seen from another process, which cannot know our released writer is alive:
+    it removes the empty tmp; the writer notices its tmp is gone once it holds the lock, and writes a new one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import iai_queue.spill.directory as directory_module
+
+    rid = records[0].id
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
+    q.enqueue([(rid, {"n": 0})])
+    assert q.flush(5)
+    q.stop()
+    real_lock_fd = directory_module.lock_fd
+    removed = []
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def another_process_recovers_between_open_and_flock(fd):
+        if not removed:
+            r = subprocess.run([sys.executable, "-c", _RECOVER_IN_ANOTHER_PROCESS, str(spill_dir),
+                                q.spill_directory.store], capture_output=True, text=True, timeout=30, env=env)
+            assert r.returncode == 0, r.stderr
+            removed.append(r.stdout.strip())
+        return real_lock_fd(fd)
+
+    monkeypatch.setattr(directory_module, "lock_fd", another_process_recovers_between_open_and_flock)
+    RefuseNext(store)
+    q.enqueue([(rid, {"n": 1})])  # closed route: refused, so spilled by the stopped queue
+    monkeypatch.setattr(directory_module, "lock_fd", real_lock_fd)
+    assert removed == ["0"], removed  # it removed the empty tmp (recovered none)
+    assert q.stats().dropped == 0
+    drain(store, spill_dir)
+    assert _order(store, rid) == [0, 1]
+    assert store.provenance_rows() == 2
+
+
 class HoldThenRefuse:
     """Wraps ``store.append_provenance_batch``: the first write waits for ``release``, then fails unwritten."""
 

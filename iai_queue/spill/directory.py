@@ -26,6 +26,7 @@ Quarantine
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -43,6 +44,17 @@ from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_n
                     stem_of, store_tag, writer_lock_name)
 
 __all__ = ["SpillDirectory", "ensure_private_dir", "fsync_dir"]
+
+_TMP_ATTEMPTS = 3
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd``."""
+    try:
+        st, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (named.st_dev, named.st_ino)
 
 
 class SpillDirectory:
@@ -121,17 +133,30 @@ class SpillDirectory:
         (a replayer may take it the moment it is renamed into place).
         Raises OSError (ENOSPC, EACCES, EROFS, …); nothing is left behind then.
         """
-        with self._write_lock:
-            self._ensure_dir()
-            ts = max(time.time_ns(), self._last_ts + 1) if before_ts is None else before_ts - 1
-            if before_ts is None:
-                self._last_ts = ts
-            self._counter += 1
-            name = file_name(ts, self.store, self.writer, self._counter)
-        tmp = self.path / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        for _ in range(_TMP_ATTEMPTS):
+            with self._write_lock:
+                self._ensure_dir()
+                ts = max(time.time_ns(), self._last_ts + 1) if before_ts is None else before_ts - 1
+                if before_ts is None:
+                    self._last_ts = ts
+                self._counter += 1
+                name = file_name(ts, self.store, self.writer, self._counter)
+            tmp = self.path / f".{name}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                lock_fd(fd)  # tells a recoverer this tmp is alive
+                named = _still_named(fd, tmp)
+            except BaseException:
+                os.close(fd)
+                raise
+            if named:
+                break
+            # A recoverer took the empty tmp between open and lock (our writer lock was released: a
+            # stopped queue's late spill looks like a dead writer's to another process): a new one.
+            os.close(fd)
+        else:
+            raise OSError(errno.EAGAIN, f"spill temp files in {self.path} removed {_TMP_ATTEMPTS} times as we wrote")
         try:
-            lock_fd(fd)  # tells a recoverer this tmp is alive
             write_all(fd, b"".join(lines))
             os.fsync(fd)
             if on_named is not None:

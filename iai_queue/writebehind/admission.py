@@ -144,13 +144,9 @@ class Admission:
             self._take_back(chunk)
 
     def wake_worker(self) -> None:
-        """Wake the worker waiting in :meth:`wait_for_pending`, and disarm its threshold.
-
-        Disarming at once matters: the woken worker needs the GIL, which the
-        caller keeps for a whole burst of calls; without it every call of the
-        burst would set the Event again. Under the lock, so it cannot disarm a
-        threshold the worker armed after this wake-up.
-        """
+        """Wake the worker waiting in :meth:`wait_for_pending` and disarm its threshold at once: the woken
+        worker needs the GIL, which the caller keeps for a whole burst, each call of which would set the
+        Event again. Under the lock, so it cannot disarm a threshold the worker armed after this wake-up."""
         with self.lock:
             self.worker_wake.set()
             self.wake_threshold = NO_WAKE
@@ -227,14 +223,17 @@ class Admission:
         """Sleep until ``threshold`` chunks are pending or someone wakes the worker, at most ``timeout``.
 
         ``still_waiting`` is checked after arming the wake-up (so an append in
-        between is not missed). Returns False on timeout.
+        between is not missed), and so is the state: ``stop()`` changes it before
+        it sets the Event, which the arming may have cleared. Returns False on timeout.
         """
         with self.lock:  # arming and wake_worker()'s disarming exclude each other
             self.wake_threshold = threshold
             self._check_at = min(threshold, self.max_queue_size + 1)
             self.worker_wake.clear()
         try:
-            return self.worker_wake.wait(timeout) if still_waiting() else True
+            if self.state is not Lifecycle.RUNNING or not still_waiting():
+                return True
+            return self.worker_wake.wait(timeout)
         finally:
             self.wake_threshold = NO_WAKE
             self._check_at = self.max_queue_size + 1
