@@ -162,20 +162,21 @@ class JournaledAdmission:
                 self.hold = False
             seg, offset = self.backlog
             end = min(seg.size, offset + REFILL_BYTES)
-        records, _ = writer.read_records(seg, offset, end)
-        if not records and end < seg.size:  # one record larger than REFILL_BYTES
-            records, _ = writer.read_records(seg, offset)
-        room = self.max_queue_size - len(self.adm.pending)
-        taken = []
+            room = self.max_queue_size - len(self.adm.pending)
+        # Only what fits is decoded (read_records' limit): the rest is read again next time, never decoded twice.
+        taken: list = []
         new_offset = offset
-        for r in records:
-            if r.seq <= self.backlog_seq:  # a copy written after its segment was removed: in memory already
+        while len(taken) < room:
+            want = room - len(taken)
+            records, _ = writer.read_records(seg, new_offset, end, want)
+            if not records and new_offset == offset and end < seg.size:  # one record larger than REFILL_BYTES
+                records, _ = writer.read_records(seg, new_offset, None, 1)
+            for r in records:
                 new_offset = r.end
-                continue
-            if len(taken) >= room:
+                if r.seq > self.backlog_seq:  # else: a copy written after its segment was removed, taken before
+                    taken.append(r)
+            if len(records) < want:
                 break
-            taken.append(r)
-            new_offset = r.end
         moved = 0
         with writer.lock:
             pending = self.adm.pending
