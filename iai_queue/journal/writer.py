@@ -45,7 +45,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..jsoncodec import encode
+from ..jsoncodec import OPTIONS, encode
 
 
 from .checkpoint import remove_checkpoint, write_checkpoint
@@ -253,7 +253,7 @@ class JournalWriter:
         seg = self.current
         if seg is None:
             seg = self._reopen_locked()
-        payload = encode((seq, items))
+        payload = _dumps((seq, items), option=OPTIONS)  # jsoncodec.encode, without its Python frame
         record = _frame_pack(len(payload), _crc(payload)) + payload
         offset = seg.size
         if offset + len(record) > seg.capacity and seg.last_seq:
@@ -450,3 +450,5 @@ class JournalWriter:
 
 
 from zlib import crc32 as _crc  # noqa: E402  (bound once for the hot path)
+
+from orjson import dumps as _dumps  # noqa: E402
