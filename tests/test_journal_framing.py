@@ -330,3 +330,35 @@ def test_full_disk_shows_as_enospc_when_reserving_never_as_sigbus(store, ids, sm
     assert ns(scan) == list(range(written)) and not scan.damage
     assert os.stat(seg.path).st_size == seg.size  # cut to its used size when it failed
     w.close(0)
+
+
+# -- the backlog ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_backlog_refill_decodes_each_record_once(store, ids, spill_dir, gate):
+    from iai_queue import ProvenanceWriteQueue
+
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", max_queue_size=8,
+                             coalesce_ms=1).start()
+    decoded = []
+    try:
+        writer = q._journal.writer
+        real = writer.read_records
+
+        def counted(*a, **kw):
+            records, end = real(*a, **kw)
+            decoded.extend(r.seq for r in records)
+            return records, end
+
+        writer.read_records = counted
+        for n in range(600):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        assert q.stats().journal_backlog > 500
+        gate.open()
+        assert q.flush(30)
+    finally:
+        q.stop(5)
+    assert len(decoded) == len(set(decoded)) > 500  # every backlog record decoded once, none twice
+    assert store.provenance_rows() == 600
+    got = sorted(e["n"] for rid in ids for e in store.get(rid).provenance)
+    assert got == list(range(600))

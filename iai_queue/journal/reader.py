@@ -94,7 +94,7 @@ def data_end(data) -> int:
     return 0
 
 
-def _record_at(data, pos: int, last_seq: int) -> Record | str:
+def _record_at(data, pos: int, last_seq: int, base: int = 0, check_payload: bool = True) -> Record | str:
     n = len(data)
     if n - pos < _FRAME:
         return f"torn frame: {n - pos} bytes at the end, fewer than the {_FRAME}-byte frame"
@@ -111,10 +111,11 @@ def _record_at(data, pos: int, last_seq: int) -> Record | str:
         obj = decode(payload)
     except ValueError as exc:
         return f"payload is not JSON: {exc}"
-    problem = _payload_problem(obj, last_seq)
-    if problem is not None:
-        return problem
-    return Record(pos, end, obj[0], obj[1])
+    if check_payload:
+        problem = _payload_problem(obj, last_seq)
+        if problem is not None:
+            return problem
+    return Record(base + pos, base + end, obj[0], obj[1])
 
 
 def _resync(data, start: int, last_seq: int, limit: Optional[int] = None) -> Optional[Record]:
@@ -131,12 +132,15 @@ def _resync(data, start: int, last_seq: int, limit: Optional[int] = None) -> Opt
 
 
 def scan_records(data, pos: int, last_seq: int = 0, resync: bool = True, *, version: int = VERSION,
-                 limit: Optional[int] = None) -> tuple[list[Record], list[Damage]]:
+                 limit: Optional[int] = None, base: int = 0,
+                 check_payload: bool = True) -> tuple[list[Record], list[Damage]]:
     """Records from ``pos`` to the end of ``data``, and the damaged spans between them.
 
     ``resync=False``: stop at the first damage (reading a live segment in bounded pieces).
     ``version``: the segment's format version (2: a zero tail ends the data, see the module doc).
     ``limit``: stop after this many records (no damage is judged past them).
+    ``base``: added to every offset reported (``data`` holds a file's bytes from ``base`` on).
+    ``check_payload=False``: the payload's shape is not checked (this process wrote and checksummed it).
     """
     data = memoryview(data)
     records: list[Record] = []
@@ -147,13 +151,13 @@ def scan_records(data, pos: int, last_seq: int = 0, resync: bool = True, *, vers
     while pos < n:
         if limit is not None and len(records) >= limit:
             break
-        rec = _record_at(data, pos, last_seq)
+        rec = _record_at(data, pos, last_seq, base, check_payload)
         if rec.__class__ is Record:
             records.append(rec)
-            pos, last_seq = rec.end, rec.seq
+            pos, last_seq = rec.end - base, rec.seq
             continue
         if not resync:
-            damage.append(Damage(pos, n, f"{rec} at offset {pos}"))
+            damage.append(Damage(base + pos, base + n, f"{rec} at offset {base + pos}"))
             break
         if not zero_tail:
             nxt = _resync(data, pos + 1, last_seq)
@@ -172,8 +176,8 @@ def scan_records(data, pos: int, last_seq: int = 0, resync: bool = True, *, vers
                     length = _unpack(data, pos)[0]
                     claimed = min(n, pos + _FRAME + length) if 0 < length <= RECORD_MAX else end_of_data
                 end = max(claimed, end_of_data)
-        damage.append(Damage(pos, end, f"{rec} at offset {pos}"
-                             + ("" if nxt is None else f"; next good record at offset {end}")))
+        damage.append(Damage(base + pos, base + end, f"{rec} at offset {base + pos}"
+                             + ("" if nxt is None else f"; next good record at offset {base + end}")))
         pos = end
     return records, damage
 
