@@ -13,9 +13,10 @@ Guarantees (write-ahead mode):
   (the caller's fallback), never as SIGBUS on a later store. Elsewhere (no
   ``posix_fallocate``) every record is one ``pwrite``; a short or failed write
   is cut back (``ftruncate``) to the last whole record.
-- A segment's unused rest is zeros (format version 2, see :mod:`.format`), and
-  a record is copied frame first, so a reader tells the end of the data from a
-  torn record. A segment is cut to its used size when it rolls or closes; a
+- A segment's unused rest is zeros (format version 2, see :mod:`.format`): a
+  reader tells the end of the data (a zero length with only zeros after it)
+  from a torn record (a bad checksum, a short payload, or a zero length with
+  data after it), whatever order a copy cut short by a kill stored its bytes in. A segment is cut to its used size when it rolls or closes; a
   writer that dies leaves the zeros, which readers skip.
 - Power loss (``fsync-interval``): a background thread fsyncs every
   ``fsync_interval`` (group commit, like Redis ``appendfsync everysec``);
@@ -91,12 +92,12 @@ class Segment:
     __slots__ = ("path", "fd", "size", "data_start", "first_seq", "last_seq", "created", "closed", "synced_size",
                  "unlinked", "map", "capacity", "reserved")
 
-    def __init__(self, path: Path, fd: int, size: int, capacity: int = 0, map: Optional[mmap.mmap] = None):
+    def __init__(self, path: Path, fd: int, size: int, capacity: int = 0, mapping: Optional[mmap.mmap] = None):
         self.path = path
         self.fd = fd
         self.size = size  # bytes of whole records (what a reader may read)
         self.capacity = max(capacity, size)  # records go in while they fit; then the writer rolls
-        self.map = map  # the shared mapping of [0, capacity) while the segment is written; None: pwrite
+        self.map = mapping  # the shared mapping of [0, capacity) while the segment is written; None: pwrite
         self.reserved = size  # blocks are reserved (posix_fallocate) for [0, reserved)
         self.data_start = size  # the first record's offset (after the header)
         self.first_seq = 0
@@ -289,7 +290,7 @@ class JournalWriter:
         end = size + len(data)
         m = seg.map
         if m is not None and end <= seg.reserved:
-            m[size:end] = data  # frame first: a store cut short leaves a torn record, never a false end
+            m[size:end] = data  # cut short by a kill: a torn record, or a zero length before data; never a false end
         else:
             try:
                 if m is not None and end <= seg.capacity:
