@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Optional
+from uuid import UUID
 
 from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
@@ -186,12 +187,23 @@ class JournaledAdmission:
                     taken.append(r)
             if len(records) < want:
                 break
+        # Chunks shaped as enqueue leaves them: ids as UUIDs (a record's id repeats: parsed once per refill).
+        uuid_of: dict = {}
+        chunks = []
+        for r in taken:
+            items = []
+            for rid, entry in r.items:
+                u = uuid_of.get(rid)
+                if u is None:
+                    u = uuid_of[rid] = UUID(rid)
+                items.append((u, entry))
+            chunks.append((r.seq, tuple(items)))
         moved = 0
         with writer.lock:
             pending = self.adm.pending
-            for r in taken:
-                pending.append((r.seq, r.items))
-                moved += len(r.items)
+            for c in chunks:
+                pending.append(c)
+                moved += len(c[1])
             self.backlog_pairs -= moved
             if taken:
                 self.backlog_seq = taken[-1].seq
