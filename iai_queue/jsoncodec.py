@@ -23,6 +23,7 @@ import orjson
 __all__ = ["UnencodableEntries", "decode", "encode", "encode_entries"]
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+OPTIONS = _OPTIONS  # for a hot path that calls orjson.dumps(obj, option=OPTIONS) itself: the same bytes as encode()
 
 decode = orjson.loads  # bytes or str; raises orjson.JSONDecodeError (a ValueError)
 

@@ -4,13 +4,14 @@ A package that never imports the queue (like :mod:`iai_queue.spill`, whose
 directory it shares). Its parts, each with the rules it implements at its top:
 
 - :mod:`.format` — the bytes: a segment header, then ``[u32 length][u32 crc32][payload]``
-  records; one record per enqueue call.
+  records, one per enqueue call; version 2 segments end in zeros (preallocated), version 1 is still read.
 - :mod:`.reader` — reading a segment back: complete records in order, damage
   (a torn tail, flipped bytes) reported with its offsets and reason, never skipped silently.
 - :mod:`.checkpoint` — a writer's high-water mark: every call numbered up to it
   is in the store, so recovery replays only what follows.
-- :mod:`.writer` — :class:`JournalWriter`: segment files rolled at a size bound,
-  one ``os.write`` per call, the group-commit fsync, retiring segments the store has.
+- :mod:`.writer` — :class:`JournalWriter`: segment files rolled at a size bound, each a
+  shared mapping of reserved blocks (one copy per call, no system call; ``pwrite`` where
+  ``posix_fallocate`` is missing), the group-commit fsync, retiring segments the store has.
 
 Where the files live: in the spill directory, named like spill files
 (``<ts_ns>-<store>-<writer>-<n>.wal``) and guarded by the same writer lock, so

@@ -2,15 +2,29 @@
 
 A segment file is::
 
-    MAGIC (8 bytes: b"IAIQWAL" + version byte 1)
+    MAGIC (8 bytes: b"IAIQWAL" + version byte)
     header record        payload: JSON {"writer", "prefix", "store", "created_ns"}
     record, record, ...  payload: JSON [seq, [[record_id, entry], ...]]   (one enqueue call)
+    zeros ...            (version 2 only: the unused, preallocated rest of the segment)
 
 and every record is framed as ``[u32 length][u32 crc32(payload)]`` (little
 endian) followed by ``length`` payload bytes — the framing LevelDB and Kafka
 use to tell a complete record from a torn one. The checksum is zlib's CRC-32
 (in the standard library, C speed; CRC-32C would need a dependency for the same
 detection power against torn writes and bit flips).
+
+Versions:
+
+- **1** — the file ends after its last record; a length of 0 is damage.
+- **2** (written now) — a segment may be preallocated and zero-filled to its
+  size bound. A zero length *at a record boundary, with only zero bytes after
+  it*, is the end of the data. A zero length followed by any nonzero byte is
+  damage (a flipped length must not hide the records after it), and a torn
+  record is a nonzero length with a bad checksum or a short payload, as in
+  version 1. A payload is JSON and never ends with a zero byte, so the last
+  nonzero byte of a segment is never inside the unused tail.
+
+Readers read both versions.
 
 Within a segment ``seq`` strictly increases: the writer draws the number and
 writes the record in one locked step. Entry ids are not stored: they are
@@ -28,11 +42,19 @@ from typing import Any
 
 from ..jsoncodec import decode, encode
 
-__all__ = ["FRAME", "HEADER_MAX", "MAGIC", "RECORD_MAX", "VERSION", "JournalHeader", "decode_header",
-           "encode_record", "frame", "segment_start"]
+__all__ = ["FRAME", "HEADER_MAX", "MAGIC", "RECORD_MAX", "VERSION", "VERSIONS", "JournalHeader", "decode_header",
+           "encode_record", "frame", "magic", "segment_start"]
 
-VERSION = 1
-MAGIC = b"IAIQWAL" + bytes([VERSION])
+VERSION = 2  # what this library writes
+VERSIONS = (1, 2)  # what it reads
+MAGIC_STEM = b"IAIQWAL"
+
+
+def magic(version: int) -> bytes:
+    return MAGIC_STEM + bytes([version])
+
+
+MAGIC = magic(VERSION)
 FRAME = struct.Struct("<II")  # length, crc32(payload)
 RECORD_MAX = 1 << 30  # a length above this is damage, not a record
 HEADER_MAX = 4096
@@ -53,23 +75,26 @@ class JournalHeader:
     prefix: str  # the entry-id prefix of the queue that wrote the segment
     store: str  # the store tag (see iai_queue.spill.store_tag)
     created_ns: int
+    version: int = VERSION  # the segment's format version (read from its magic)
 
 
 def segment_start(header: JournalHeader) -> bytes:
-    """MAGIC plus the framed header record: the first bytes of every segment."""
-    return MAGIC + frame(encode({"writer": header.writer, "prefix": header.prefix, "store": header.store,
-                                 "created_ns": header.created_ns}))
+    """The magic plus the framed header record: the first bytes of every segment."""
+    return magic(header.version) + frame(encode({"writer": header.writer, "prefix": header.prefix,
+                                                 "store": header.store, "created_ns": header.created_ns}))
 
 
 def decode_header(data: bytes) -> tuple[JournalHeader, int] | str:
     """``(header, offset of the first record)``, or the reason the segment's start is not a header."""
-    if len(data) < len(MAGIC):
-        return f"torn segment header: {len(data)} bytes, fewer than the {len(MAGIC)}-byte magic"
-    if data[:len(MAGIC) - 1] != MAGIC[:-1]:
-        return f"not a journal segment: magic {data[:len(MAGIC)]!r}"
-    if data[len(MAGIC) - 1] != VERSION:
-        return f"journal version {data[len(MAGIC) - 1]} is not supported (this library reads {VERSION})"
-    pos = len(MAGIC)
+    n_magic = len(MAGIC)
+    if len(data) < n_magic:
+        return f"torn segment header: {len(data)} bytes, fewer than the {n_magic}-byte magic"
+    if data[:n_magic - 1] != MAGIC_STEM:
+        return f"not a journal segment: magic {bytes(data[:n_magic])!r}"
+    version = data[n_magic - 1]
+    if version not in VERSIONS:
+        return f"journal version {version} is not supported (this library reads {', '.join(map(str, VERSIONS))})"
+    pos = n_magic
     if len(data) < pos + FRAME.size:
         return "torn segment header: no complete header frame"
     length, crc = FRAME.unpack_from(data, pos)
@@ -80,7 +105,8 @@ def decode_header(data: bytes) -> tuple[JournalHeader, int] | str:
         return "segment header checksum mismatch"
     try:
         obj = decode(payload)
-        header = JournalHeader(str(obj["writer"]), str(obj["prefix"]), str(obj["store"]), int(obj["created_ns"]))
+        header = JournalHeader(str(obj["writer"]), str(obj["prefix"]), str(obj["store"]), int(obj["created_ns"]),
+                               version)
     except (ValueError, KeyError, TypeError) as exc:
         return f"segment header unreadable: {exc}"
     return header, pos + FRAME.size + length

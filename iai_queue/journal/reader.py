@@ -13,6 +13,13 @@ Torn-record policy (what "after the damage" means)
     of the file (a torn tail: the writer died inside a write, or the machine
     lost power before the page cache reached the disk).
 
+Version 2 segments end in zeros (the preallocated, unused rest, see
+:mod:`.format`): the data ends at a zero length whose every following byte is
+zero. A torn record there spans what its frame claims (``8 + length`` bytes,
+cut at the file's end); the zeros after it are unused space, not damage, so
+only the record's own bytes are set aside. Resynchronising never looks past
+the last nonzero byte.
+
 Nothing here writes or deletes; the caller decides (see the journal replayer).
 """
 
@@ -22,20 +29,19 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ..jsoncodec import decode
-from .format import FRAME, RECORD_MAX, JournalHeader, decode_header
+from .format import FRAME, RECORD_MAX, VERSION, JournalHeader, decode_header
 
-__all__ = ["Damage", "Record", "SegmentScan", "read_segment_bytes", "scan_records", "scan_segment"]
+__all__ = ["Damage", "Record", "SegmentScan", "data_end", "read_segment_bytes", "scan_records", "scan_segment"]
 
 _FRAME = FRAME.size
 _unpack = FRAME.unpack_from
 _crc = zlib.crc32
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):  # a tuple: made per record on the drain and recovery paths, so cheap to make
     offset: int
     end: int
     seq: int
@@ -74,7 +80,21 @@ def _payload_problem(obj, last_seq: int) -> Optional[str]:
     return None
 
 
-def _record_at(data, pos: int, last_seq: int) -> Record | str:
+def data_end(data) -> int:
+    """The offset after the last nonzero byte (0 for all zeros): where a version-2 segment's data ends at the latest."""
+    n = len(data)
+    step = 1 << 16
+    while n > 0:
+        lo = max(0, n - step)
+        kept = len(bytes(data[lo:n]).rstrip(b"\0"))
+        if kept:
+            return lo + kept
+        n = lo
+        step = min(step * 4, 1 << 24)
+    return 0
+
+
+def _record_at(data, pos: int, last_seq: int, base: int = 0, check_payload: bool = True) -> Record | str:
     n = len(data)
     if n - pos < _FRAME:
         return f"torn frame: {n - pos} bytes at the end, fewer than the {_FRAME}-byte frame"
@@ -91,16 +111,17 @@ def _record_at(data, pos: int, last_seq: int) -> Record | str:
         obj = decode(payload)
     except ValueError as exc:
         return f"payload is not JSON: {exc}"
-    problem = _payload_problem(obj, last_seq)
-    if problem is not None:
-        return problem
-    return Record(pos, end, obj[0], obj[1])
+    if check_payload:
+        problem = _payload_problem(obj, last_seq)
+        if problem is not None:
+            return problem
+    return Record(base + pos, base + end, obj[0], obj[1])
 
 
-def _resync(data, start: int, last_seq: int) -> Optional[Record]:
-    """The first good record at an offset >= ``start``, or None."""
+def _resync(data, start: int, last_seq: int, limit: Optional[int] = None) -> Optional[Record]:
+    """The first good record at an offset in ``[start, limit)``, or None."""
     n = len(data)
-    for p in range(start, n - _FRAME):
+    for p in range(start, min(n - _FRAME, n if limit is None else limit)):
         length = _unpack(data, p)[0]
         if length == 0 or p + _FRAME + length > n:
             continue  # cheap filter: most offsets fail here
@@ -110,25 +131,53 @@ def _resync(data, start: int, last_seq: int) -> Optional[Record]:
     return None
 
 
-def scan_records(data, pos: int, last_seq: int = 0, resync: bool = True) -> tuple[list[Record], list[Damage]]:
+def scan_records(data, pos: int, last_seq: int = 0, resync: bool = True, *, version: int = VERSION,
+                 limit: Optional[int] = None, base: int = 0,
+                 check_payload: bool = True) -> tuple[list[Record], list[Damage]]:
     """Records from ``pos`` to the end of ``data``, and the damaged spans between them.
 
     ``resync=False``: stop at the first damage (reading a live segment in bounded pieces).
+    ``version``: the segment's format version (2: a zero tail ends the data, see the module doc).
+    ``limit``: stop after this many records (no damage is judged past them).
+    ``base``: added to every offset reported (``data`` holds a file's bytes from ``base`` on).
+    ``check_payload=False``: the payload's shape is not checked (this process wrote and checksummed it).
     """
     data = memoryview(data)
     records: list[Record] = []
     damage: list[Damage] = []
     n = len(data)
+    zero_tail = version >= 2
+    end_of_data = -1  # computed when first needed: data_end(data)
     while pos < n:
-        rec = _record_at(data, pos, last_seq)
+        if limit is not None and len(records) >= limit:
+            break
+        rec = _record_at(data, pos, last_seq, base, check_payload)
         if rec.__class__ is Record:
             records.append(rec)
-            pos, last_seq = rec.end, rec.seq
+            pos, last_seq = rec.end - base, rec.seq
             continue
-        nxt = _resync(data, pos + 1, last_seq) if resync else None
-        end = n if nxt is None else nxt.offset
-        damage.append(Damage(pos, end, f"{rec} at offset {pos}"
-                             + ("" if nxt is None else f"; next good record at offset {end}")))
+        if not resync:
+            damage.append(Damage(base + pos, base + n, f"{rec} at offset {base + pos}"))
+            break
+        if not zero_tail:
+            nxt = _resync(data, pos + 1, last_seq)
+            end = n if nxt is None else nxt.offset
+        else:
+            if end_of_data < 0:
+                end_of_data = data_end(data)
+            if pos >= end_of_data:
+                break  # only zeros from here: the unused rest of a preallocated segment
+            nxt = _resync(data, pos + 1, last_seq, end_of_data)
+            if nxt is not None:
+                end = nxt.offset
+            else:  # a torn record: its claimed bytes (cut at the file's end) and any nonzero byte after them
+                claimed = n
+                if n - pos >= _FRAME:
+                    length = _unpack(data, pos)[0]
+                    claimed = min(n, pos + _FRAME + length) if 0 < length <= RECORD_MAX else end_of_data
+                end = max(claimed, end_of_data)
+        damage.append(Damage(base + pos, base + end, f"{rec} at offset {base + pos}"
+                             + ("" if nxt is None else f"; next good record at offset {base + end}")))
         pos = end
     return records, damage
 
@@ -148,6 +197,6 @@ def scan_segment(path: os.PathLike[str] | str, data: Optional[bytes] = None, aft
     if isinstance(head, str):
         return SegmentScan(None, [], [Damage(0, len(data), head)], len(data))
     header, pos = head
-    records, damage = scan_records(data, pos, 0)
+    records, damage = scan_records(data, pos, 0, version=header.version)
     del after_seq  # records at or below a checkpoint are the caller's to skip
     return SegmentScan(header, records, damage, len(data))
