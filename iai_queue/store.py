@@ -480,6 +480,18 @@ class MemoryStore:
     def _stored_entry_ids(self, entry_ids: Sequence[str]) -> set[str]:
         return self._select_in(self._provenance, "entry_id", entry_ids)
 
+    def stored_entry_ids_between(self, low: str, high: str) -> set[str]:
+        """Entry ids ``low <= id < high`` in the provenance table, in one range scan.
+
+        What a journal replay verifies a dead writer's ids against (one query per
+        segment instead of ``IN`` lists per batch); the entry_id index serves it once
+        maintenance has built it.
+        """
+        rows = (self._provenance.search().where(f"entry_id >= {_sql_str_list([low])} AND "
+                                                f"entry_id < {_sql_str_list([high])}")
+                .select(["entry_id"]).limit(None).to_arrow())
+        return set(rows.column("entry_id").to_pylist())
+
     @staticmethod
     def _select_in(table, column: str, values: Iterable[str]) -> set[str]:
         values = list(values)

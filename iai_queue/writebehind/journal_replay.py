@@ -19,6 +19,7 @@ deleted only after its records are in the store and its damage is set aside.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -26,9 +27,11 @@ import time
 from typing import Callable, Optional
 
 from ..events import RateLimiter, emit
-from ..journal import read_checkpoint, scan_segment
+from ..journal import read_checkpoint
 from ..journal.checkpoint import remove_checkpoint
-from ..journal.reader import read_segment_bytes
+from ..journal.format import FRAME, JournalHeader, decode_header
+from ..journal.reader import Damage, good_frames, read_segment_bytes, scan_records
+from ..jsoncodec import decode
 from ..pairs import ProvenanceSink
 from ..spill import SpillDirectory
 from ..spill.directory import fsync_dir
@@ -43,6 +46,10 @@ __all__ = ["JournalReplayer"]
 
 log = logging.getLogger("iai_queue.queue")
 
+COMMIT_PAIRS = 16_384  # pairs per store write in a replay (one LanceDB commit each)
+COMMIT_BYTES = 32 << 20  # and at most this many journal bytes' worth (records with many pairs)
+RUN_BYTES = 1 << 20  # journal bytes decoded per call
+
 
 class JournalReplayer:
     """Replays orphan journal segments of one store. ``live_names()``: our current run's segment names;
@@ -51,7 +58,8 @@ class JournalReplayer:
 
     def __init__(self, lock: threading.Lock, ledger: Ledger, directory: SpillDirectory, delivery: Delivery,
                  warn: RateLimiter, *, batch_pairs: int, retry_unreadable_s: float,
-                 live_names: Callable[[], set] = set, own_prefix: Callable[[], Optional[str]] = lambda: None):
+                 live_names: Callable[[], set] = set, own_prefix: Callable[[], Optional[str]] = lambda: None,
+                 stored_between: Optional[Callable[[str, str], set]] = None):
         self.lock = lock
         self.ledger = ledger
         self.directory = directory
@@ -61,6 +69,8 @@ class JournalReplayer:
         self.retry_unreadable_s = retry_unreadable_s
         self.live_names = live_names
         self.own_prefix = own_prefix
+        # The store's range lookup of entry ids (MemoryStore.stored_entry_ids_between); None: verify per batch.
+        self.stored_between = stored_between
         self._skip_until: dict[str, float] = {}
         self.oldest_orphan_mtime: Optional[float] = None
 
@@ -70,12 +80,14 @@ class JournalReplayer:
         """A replayer of its own (no queue): for ``iai-queue spill replay``. Its counts are in ``ledger.n``."""
         lock = threading.Lock()
         ledger = Ledger(lock)
-        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None))
+        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None),
+                                   tag=getattr(store, "identity", None))
         warn = RateLimiter()
         quarantine = Quarantine(lock, ledger, directory, warn)
         delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
                             Backoff(retry_initial_s, retry_max_s), warn, quarantine.pairs)
-        return cls(lock, ledger, directory, delivery, warn, batch_pairs=batch_pairs, retry_unreadable_s=retry_max_s)
+        return cls(lock, ledger, directory, delivery, warn, batch_pairs=batch_pairs, retry_unreadable_s=retry_max_s,
+                   stored_between=getattr(store, "stored_entry_ids_between", None))
 
     def orphans(self) -> list[str]:
         """Orphan segments of our store, oldest first (empty where file locks are unavailable)."""
@@ -153,46 +165,24 @@ class JournalReplayer:
         except OSError as exc:
             self._failed(name, exc)
             return
-        scan = scan_segment(path, data)
-        header = scan.header
-        done_up_to = 0
-        own_run = False
-        if header is not None:
-            done_up_to = read_checkpoint(directory.path, header.writer)
-            own_run = header.prefix == self.own_prefix()
-            if own_run:
-                with self.lock:
-                    done_up_to = max(done_up_to, self.ledger.written_seq)
-        records = [r for r in scan.records if r.seq > done_up_to]
-        pairs: list = []
-        entry_ids: list = []
-        for r in records:
-            pre = f"{header.prefix}{r.seq:x}."
-            for i, (rid, entry) in enumerate(r.items):
-                pairs.append((rid, entry))
-                entry_ids.append(pre + str(i))
-        for start in range(0, len(pairs), self.batch_pairs):
-            end = start + self.batch_pairs
-            self.delivery.deliver(Batch(pairs[start:end], entry_ids[start:end], verify=True), stop, verify=True)
-            with self.lock:
-                self.delivery.finish_locked()
-                self.ledger.count(replayed=len(pairs[start:end]))
-        if own_run:
-            with self.lock:
-                self.ledger.mark_done(r.seq for r in records)
-        if scan.damage:
+        head = decode_header(data)
+        if isinstance(head, str):
+            header, damage, replayed = None, [Damage(0, len(data), head)], _Replayed()
+        else:
+            header, pos = head
+            replayed, damage = self._deliver_records(data, pos, header, stop)
+        if damage:
             reasons = "".join(f"bytes {d.offset}..{d.end} ({d.end - d.offset} bytes) of {name}: {d.reason}\n"
-                              for d in scan.damage)
+                              for d in damage)
             try:
-                target = directory.quarantine_bytes(stem, b"".join(data[d.offset:d.end] for d in scan.damage),
-                                                    reasons)
+                target = directory.quarantine_bytes(stem, b"".join(data[d.offset:d.end] for d in damage), reasons)
             except OSError as exc:
                 self._failed(name, exc)  # the segment stays: replayed again (verified) later
                 return
             with self.lock:
-                self.ledger.count(quarantined_files=1, quarantined_lines=len(scan.damage))
+                self.ledger.count(quarantined_files=1, quarantined_lines=len(damage))
             self.warn.emit(log, logging.ERROR, "journal.damaged", key=name, file=target.name,
-                           spans=len(scan.damage), reason=scan.damage[0].reason[:300])
+                           spans=len(damage), reason=damage[0].reason[:300])
         try:
             os.unlink(path)
             fsync_dir(directory.path)
@@ -201,8 +191,228 @@ class JournalReplayer:
         except OSError as exc:
             self._failed(name, exc)
             return
-        emit(log, logging.INFO, "journal.replay", file=name, records=len(records), pairs=len(pairs),
-             damaged_spans=len(scan.damage))
+        emit(log, logging.INFO, "journal.replay", file=name, records=replayed.records, pairs=replayed.pairs,
+             damaged_spans=len(damage))
         if header is not None and not any(is_journal_name(n) and f"-{header.writer}-" in n
                                           for n in directory.names()):
             remove_checkpoint(directory.path, header.writer)
+
+    def _deliver_records(self, data: bytes, pos: int, header: JournalHeader,
+                         stop: StopSignal) -> tuple["_Replayed", list[Damage]]:
+        """Every good record after the checkpoint into the store, in order; returns what was replayed and
+        the damaged spans. Bounded memory: payloads are decoded and written ``COMMIT_PAIRS`` at a time."""
+        done_up_to = read_checkpoint(self.directory.path, header.writer)
+        own_run = header.prefix == self.own_prefix()
+        if own_run:
+            with self.lock:
+                done_up_to = max(done_up_to, self.ledger.written_seq)
+        # Ids a dead writer of another process may have written: looked up once per segment, by range.
+        # Our own process's (a stopped queue of ours) are verified per batch: that also waits for a
+        # write of theirs still under way (see delivery.WRITES_IN_FLIGHT).
+        other_process = _writer_pid(header.writer) != os.getpid()
+        stored_between = self.stored_between if other_process else None
+        out = _Replayed(own_run=own_run)
+        sink = _CommitBuffer(self, header.prefix, stop, out, verify=stored_between is None)
+        bounds = good_frames(data, pos)
+        first = _first_after(data, bounds, done_up_to)
+        if not first:
+            sink.floor = done_up_to  # the search could not skip them: records at or below it are left out
+        if stored_between is not None and first < len(bounds) - 1:
+            last = _seq_at(data, bounds, len(bounds) - 2)
+            lo = _seq_at(data, bounds, first)
+            if lo is None or last is None or last < lo:
+                sink.verify = True
+            else:
+                sink.stored = set().union(*(stored_between(a, b) for a, b in entry_id_ranges(header.prefix, lo, last)))
+        last_seq = done_up_to if first else 0
+        i, n = first, len(bounds) - 1
+        while i < n:
+            j, size = i, 0
+            while j < n and size < RUN_BYTES:
+                size += bounds[j + 1] - bounds[j]
+                j += 1
+            objs = _decode_run(data, bounds, i, j)
+            bad = _first_bad(objs, last_seq)
+            if bad:
+                last_seq = objs[bad - 1][0]
+                sink.add(objs[:bad] if bad < len(objs) else objs, size)
+            if bad < j - i:
+                pos = bounds[i + bad]  # not a good record by the bulk check: the reader's policy decides
+                break
+            i = j
+        else:
+            pos = bounds[-1]
+        damage: list[Damage] = []
+        if pos < len(data):
+            records, damage = scan_records(data, pos, last_seq)
+            sink.add([(r.seq, r.items) for r in records], 0)
+        sink.flush()
+        if own_run and out.seqs:
+            with self.lock:
+                self.ledger.mark_done(out.seqs)
+        return out, damage
+
+
+class _Replayed:
+    __slots__ = ("records", "pairs", "seqs", "own_run")
+
+    def __init__(self, own_run: bool = False):
+        self.records = 0
+        self.pairs = 0
+        self.seqs: list[int] = []  # kept only for our own stopped run (its ledger marks them done)
+        self.own_run = own_run
+
+
+class _CommitBuffer:
+    """Records gathered into store writes of up to COMMIT_PAIRS pairs (a LanceDB commit costs about the same
+    for 256 rows or 50 000), with their entry ids; ids in ``stored`` (already in the store) are left out."""
+
+    def __init__(self, replayer: JournalReplayer, prefix: str, stop: StopSignal, out: _Replayed, verify: bool):
+        self.replayer = replayer
+        self.prefix = prefix
+        self.stop = stop
+        self.out = out
+        self.verify = verify
+        self.stored: set = set()
+        self.floor = 0  # records at or below this seq are in the store already
+        self.pairs: list = []
+        self.entry_ids: list = []
+        self.bytes = 0
+
+    def add(self, records, size: int) -> None:
+        if self.floor:
+            records = [r for r in records if r[0] > self.floor]
+        pairs, eids, prefix = self.pairs, self.entry_ids, self.prefix
+        for seq, items in records:
+            pairs += items
+            if len(items) == 1:
+                eids.append(f"{prefix}{seq:x}.0")
+            else:
+                head = f"{prefix}{seq:x}."
+                eids += [head + str(k) for k in range(len(items))]
+        out = self.out
+        out.records += len(records)
+        if out.own_run:
+            out.seqs += [seq for seq, _ in records]
+        self.bytes += max(0, size)
+        if len(pairs) >= COMMIT_PAIRS or self.bytes >= COMMIT_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        pairs, eids = self.pairs, self.entry_ids
+        self.pairs, self.entry_ids, self.bytes = [], [], 0
+        if self.stored:
+            stored = self.stored
+            keep = [k for k, e in enumerate(eids) if e not in stored]
+            if len(keep) < len(eids):
+                pairs, eids = [pairs[k] for k in keep], [eids[k] for k in keep]
+        if not pairs:
+            return
+        r = self.replayer
+        for start in range(0, len(pairs), COMMIT_PAIRS):
+            end = start + COMMIT_PAIRS
+            r.delivery.deliver(Batch(pairs[start:end], eids[start:end], verify=self.verify), self.stop,
+                               verify=self.verify)
+            with r.lock:
+                r.delivery.finish_locked()
+                r.ledger.count(replayed=len(pairs[start:end]))
+        self.out.pairs += len(pairs)
+
+
+def entry_id_ranges(prefix: str, lo: int, hi: int) -> list[tuple[str, str]]:
+    """``[low, high)`` string ranges holding every entry id ``<prefix><seq:x>.<i>`` with ``lo <= seq <= hi``.
+
+    One range per hex length (ids of one length sort like their numbers). A
+    range may hold ids of other lengths too (``"1f."`` lies between ``"100."``
+    and ``"1ff/"``): harmless, the caller only asks whether its ids are in the set.
+    """
+    out = []
+    length = len(f"{lo:x}")
+    while True:
+        a = max(lo, 16 ** (length - 1) if length > 1 else 0)
+        b = min(hi, 16 ** length - 1)
+        out.append((f"{prefix}{a:x}.", f"{prefix}{b:x}/"))  # "/" sorts right after ".", before the digits
+        if b >= hi:
+            return out
+        length += 1
+
+
+def _writer_pid(writer: str) -> Optional[int]:
+    """The pid in a writer name ``w<pid>x<hex>``, or None."""
+    try:
+        return int(writer[1:writer.index("x")])
+    except ValueError:
+        return None
+
+
+def _payload(data, bounds: list[int], k: int):
+    return memoryview(data)[bounds[k] + FRAME.size:bounds[k + 1]]
+
+
+def _seq_at(data, bounds: list[int], k: int) -> Optional[int]:
+    try:
+        obj = decode(_payload(data, bounds, k))
+    except ValueError:
+        return None
+    return obj[0] if type(obj) is list and obj and type(obj[0]) is int else None
+
+
+def _first_after(data, bounds: list[int], done_up_to: int) -> int:
+    """Index of the first record of the run with seq above ``done_up_to`` (seqs increase: a binary search);
+    0 when a payload on the way cannot tell (the bulk check then judges every record)."""
+    if not done_up_to:
+        return 0
+    lo, hi = 0, len(bounds) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        seq = _seq_at(data, bounds, mid)
+        if seq is None:
+            return 0
+        if seq <= done_up_to:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _decode_run(data, bounds: list[int], i: int, j: int) -> list:
+    """The payloads of records ``i..j-1`` decoded, up to the first that is not JSON (the list is shorter then).
+
+    The cyclic garbage collector is paused meanwhile: decoding creates many
+    containers and none of them can form a cycle, so its passes would only cost
+    (about half the decode time on 100 000 records).
+    """
+    mv, f = memoryview(data), FRAME.size
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        try:
+            return [decode(mv[a + f:b]) for a, b in zip(bounds[i:j], bounds[i + 1:j + 1])]
+        except ValueError:
+            objs = []
+            for k in range(i, j):
+                try:
+                    objs.append(decode(mv[bounds[k] + f:bounds[k + 1]]))
+                except ValueError:
+                    break
+            return objs
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _first_bad(objs: list, last_seq: int) -> int:
+    """Index of the first decoded payload the reader would not take as a good record (the same checks as
+    :mod:`iai_queue.journal.reader`), or ``len(objs)``."""
+    for k, obj in enumerate(objs):
+        if type(obj) is not list or len(obj) != 2:
+            return k
+        seq, items = obj
+        if type(seq) is not int or seq <= last_seq or type(items) is not list or not items:
+            return k
+        for it in items:
+            if type(it) is not list or len(it) != 2 or type(it[0]) is not str or len(it[0]) != 36 \
+                    or type(it[1]) is not dict:
+                return k
+        last_seq = seq
+    return len(objs)
