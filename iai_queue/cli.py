@@ -255,12 +255,14 @@ def _store_label(tag: Optional[str], locations: dict[str, str]) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .journal_cli import journal_counts, journal_summary
     from .spill import status
     from .spill.stores import store_locations
 
     st = status(_spill_dir(args))
     locations = store_locations(st.path)
     d = st.as_dict()
+    d.update(journal_counts(st))
     d["stores"] = {tag: locations.get(tag) for tag in sorted({f.store for f in st.files if f.store})}
     if args.json:
         _out(json.dumps(d, indent=2))
@@ -272,6 +274,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         _out(f"quarantined      {_plural(d['quarantined_files'], 'file')}, {_plural(d['quarantined_lines'], 'line')}")
         if d["tmp_files"]:
             _out(f"being written    {_plural(d['tmp_files'], 'file')}")
+        if (journal_line := journal_summary(st, _size)) is not None:
+            _out(journal_line)
         if st.files:
             _out("")
             _out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} {'STORE':<8} FILE")
@@ -356,6 +360,7 @@ def _existing_store_location(text: str):
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from .journal_cli import replay_dead_journals
     from .spill import status
     from .spill.stores import record_store_location, store_locations
     from .store import MemoryStore
@@ -377,7 +382,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     tag = store.identity  # what the queue's spill names carry for this store
     record_store_location(spill_dir, store.path)  # only where the directory exists; never creates it
-    files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed")]
+    files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed", "journal")]
     ours = [f for f in files if f.store in (tag, None)]
     live = [f for f in ours if f.writer_alive]
     others = [f for f in files if f.store not in (tag, None)]
@@ -411,6 +416,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     gave_up = False
     pkg_log.addHandler(handler)
     try:
+        journals = replay_dead_journals(store, spill_dir, args.timeout, _err)  # dead writers' journals first
         last_progress = time.monotonic()
         while True:
             stop = StopSignal()
@@ -431,13 +437,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     finally:
         pkg_log.removeHandler(handler)
     code = 0
-    _err(f"replayed {counts['replayed']} entries into {store_path}")
+    _err(f"replayed {counts['replayed'] + journals.replayed} entries into {store_path}")
     if counts["quarantined_lines"]:
         _err(f"{_plural(counts['quarantined_lines'], 'line')} quarantined: see iai-queue spill status --dir {spill_dir}")
         code = 1
-    if left:
-        _err(f"gave up after {args.timeout:g}s without progress: {_plural(len(left), 'file')} left "
-             f"({counts['store_errors']} store errors); they stay on disk and are replayed later")
+    if journals.damaged_spans:
+        _err(f"{_plural(journals.damaged_spans, 'damaged journal span')} set aside: see iai-queue spill status "
+             f"--dir {spill_dir}")
+        code = 1
+    if left or journals.left:
+        _err(f"gave up after {args.timeout:g}s without progress: {_plural(len(left) + journals.left, 'file')} left "
+             f"({counts['store_errors'] + journals.store_errors} store errors); they stay on disk and are "
+             f"replayed later")
         code = 1
     return code
 

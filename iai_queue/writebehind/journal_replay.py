@@ -416,3 +416,30 @@ def _first_bad(objs: list, last_seq: int) -> int:
                 return k
         last_seq = seq
     return len(objs)
+
+
+def memory_mode_replay(lock: threading.Lock, ledger: Ledger, directory: SpillDirectory, delivery: Delivery,
+                       warn: RateLimiter, cfg, prefix: str, store,
+                       held_behind: Callable[[], bool]) -> tuple[JournalReplayer, Callable[[StopSignal], bool]]:
+    """A memory-mode queue's replayer of dead writers' journals, and the worker's idle hook for it.
+
+    Memory mode writes no journal, but a writer that ran in a write-ahead mode
+    on this store and died left one: it is replayed exactly once, like a spill
+    file of a dead writer. While such a journal waits for another process's
+    replay (the replay lock is held elsewhere) and new entries are held behind
+    older ones on disk (``held_behind``), the hook waits instead of letting them pass.
+    """
+    replayer = JournalReplayer(lock, ledger, directory, delivery, warn, batch_pairs=cfg.replay_batch_pairs,
+                               retry_unreadable_s=cfg.idle_replay_s, own_prefix=lambda: prefix,
+                               stored_between=getattr(store, "stored_entry_ids_between", None))
+    wait_s = min(cfg.idle_replay_s, 0.2)
+
+    def idle(stop: StopSignal) -> bool:
+        if replayer.replay_some(stop):
+            return True
+        if held_behind() and replayer.orphans():
+            stop.sleep(wait_s)
+            return True
+        return False
+
+    return replayer, idle
