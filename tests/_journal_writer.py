@@ -2,7 +2,8 @@
 
 Args: ``db``, ``spill_dir``, ``ids`` (record ids), ``seqs`` (one one-pair call ``{"c": 0, "n": seq}`` per seq,
 round-robin over ``ids``), ``land`` (seqs whose pairs are also appended to the store with the entry ids the
-queue would use, as the writer's worker would have), ``checkpoint`` (the writer's done-watermark), ``hold``
+queue would use, as the writer's worker would have), ``checkpoint`` (the writer's done-watermark), ``spill_runs``
+(lists of seqs written as spill files of the same writer, one file per list, after the journal), ``hold``
 (stay alive, the writer lock held, until stdin closes).
 Prints ``{"prefix": ...}``. Its own process: the replayer sees another pid, as after a crash.
 """
@@ -33,14 +34,18 @@ def main(a: dict) -> None:
     land = set(a["land"])
     pairs, eids = [], []
     with w.lock:
-        for k, seq in enumerate(a["seqs"]):
-            item = (ids[k % len(ids)], {"c": 0, "n": seq})
+        for seq in a["seqs"]:
+            item = (ids[seq % len(ids)], {"c": 0, "n": seq})
             w.append_locked(seq, (item,))
             if seq in land:
                 pairs.append(item)
                 eids.append(f"{prefix}{seq:x}.0")
     if pairs:
         store.append_provenance_batch(ProvenanceBatch(pairs, eids))
+    for run in a.get("spill_runs", []):  # calls the journal refused (disk full), spilled as memory mode does
+        from iai_queue.spill import encode_line
+
+        sd.write([encode_line(ids[seq % len(ids)], {"c": 0, "n": seq}, f"{prefix}{seq:x}.0", False) for seq in run])
     if a["checkpoint"]:
         write_checkpoint(sd.path, sd.writer, a["checkpoint"])
     if a.get("hold"):  # a live writer: its lock stays held until stdin closes (or the process is killed)

@@ -47,11 +47,12 @@ def killed_writer(store, ids, spill_dir: Path, tag: int, n: int) -> int:
     return n - 1
 
 
-def write_journal_elsewhere(store, spill_dir: Path, ids, seqs: list[int], land: list[int], checkpoint: int) -> str:
+def write_journal_elsewhere(store, spill_dir: Path, ids, seqs: list[int], land: list[int], checkpoint: int,
+                            spill_runs: tuple = ()) -> str:
     """Another process journals one call per seq in ``seqs`` and exits; the store gets the calls in ``land``
     (as the dead writer's worker would have written them), and the checkpoint says ``checkpoint``."""
     args = dict(db=str(store.path), spill_dir=str(spill_dir), ids=[str(i) for i in ids], seqs=seqs, land=land,
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, spill_runs=list(spill_runs))
     out = subprocess.run([sys.executable, WRITER, json.dumps(args)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["prefix"]
@@ -186,3 +187,39 @@ def test_cli_replay_of_a_damaged_journal_sets_the_damage_aside_and_exits_1(store
     assert store.provenance_rows() == 39
     (failed,) = spill_dir.glob("*.failed-*.wal")
     assert failed.read_bytes() and "torn" in failed.with_suffix(".reason").read_text()
+
+
+# -- a dead writer's journal and its spill files, merged by seq -----------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("by", ["memory-mode queue", "journal-mode queue", "cli"])
+def test_a_dead_writers_journal_and_spill_files_land_in_seq_order(store, ids, tmp_path, capsys, by):
+    """A write-ahead writer whose journal failed for a while (disk full) spilled those calls as memory mode
+    does, then journaled again, then died: its calls are in two places, interleaved by seq. Whoever replays
+    them writes them in seq order per record, each once."""
+    spill_dir = tmp_path / "spill"
+    journaled = list(range(1, 41)) + list(range(61, 81)) + list(range(101, 121))
+    spilled = (list(range(41, 51)), list(range(51, 61)), list(range(81, 101)))
+    write_journal_elsewhere(store, spill_dir, ids, journaled, land=[], checkpoint=0, spill_runs=spilled)
+    assert journals(spill_dir) and len(list(spill_dir.glob("*.jsonl"))) == 3
+    if by == "cli":
+        code = main(["spill", "replay", "--store", str(store.path), "--dir", str(spill_dir)])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert "replayed 120 entries" in err
+    else:
+        mode = "memory" if by.startswith("memory") else "process"
+        q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability=mode).start()
+        try:
+            wait_until(lambda: not [n for n in journals(spill_dir) if q.spill_directory.writer not in n] and not list(spill_dir.glob("*.jsonl"))
+                       and not list(spill_dir.glob("*.claimed")) and q.flush(1.0), 60, "the replay")
+        finally:
+            q.stop(5)
+    got = entries(store, ids)
+    for rid, lst in got.items():
+        ns = [n for _, n in lst]
+        assert ns == sorted(ns), f"record {rid}: not in seq order: {ns}"
+    assert sorted(n for lst in got.values() for _, n in lst) == list(range(1, 121))
+    assert store.provenance_rows() == 120
+    assert not list(spill_dir.glob("*.failed-*"))

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Callable, Optional
 
 from ..events import RateLimiter, emit
@@ -36,7 +37,8 @@ from ..pairs import ProvenanceSink
 from ..spill import SpillDirectory
 from ..spill.directory import fsync_dir
 from ..spill.locks import lock_held, locks_available
-from ..spill.names import is_journal_name, parse_name, stem_of, writer_lock_name
+from ..spill import parse_file
+from ..spill.names import is_journal_name, is_pending_name, parse_name, stem_of, writer_lock_name
 from .delivery import Batch, Delivery
 from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
@@ -72,6 +74,7 @@ class JournalReplayer:
         # The store's range lookup of entry ids (MemoryStore.stored_entry_ids_between); None: verify per batch.
         self.stored_between = stored_between
         self._skip_until: dict[str, float] = {}
+        self._merging: dict[str, _SpillMerge] = {}  # writer -> its spill files, merged into its journal by seq
         self.oldest_orphan_mtime: Optional[float] = None
 
     @classmethod
@@ -130,7 +133,12 @@ class JournalReplayer:
                 return False
             names = self.orphans()  # again, under the lock
             if names:
-                self.replay_segment(names[0], stop)
+                writer = _writer_of(names[0])
+                if self._spill_files_of(writer):  # merged with its spill files: all of it in this lock hold
+                    for name in [n for n in names if _writer_of(n) == writer]:
+                        self.replay_segment(name, stop)
+                else:
+                    self.replay_segment(names[0], stop)
             return True
 
     def replay_all(self, stop: StopSignal) -> int:
@@ -170,7 +178,11 @@ class JournalReplayer:
             header, damage, replayed = None, [Damage(0, len(data), head)], _Replayed()
         else:
             header, pos = head
-            replayed, damage = self._deliver_records(data, pos, header, stop)
+            try:
+                replayed, damage = self._deliver_records(data, pos, header, stop)
+            except _Skip as exc:
+                self._failed(name, exc.args[0])
+                return
         if damage:
             reasons = "".join(f"bytes {d.offset}..{d.end} ({d.end - d.offset} bytes) of {name}: {d.reason}\n"
                               for d in damage)
@@ -195,6 +207,9 @@ class JournalReplayer:
              damaged_spans=len(damage))
         if header is not None and not any(is_journal_name(n) and f"-{header.writer}-" in n
                                           for n in directory.names()):
+            merge = self._merging.pop(header.writer, None)
+            if merge is not None:  # its last segment: the spill lines after it, then the files go
+                self._finish_merge(merge, header.prefix, stop)
             remove_checkpoint(directory.path, header.writer)
 
     def _deliver_records(self, data: bytes, pos: int, header: JournalHeader,
@@ -213,6 +228,12 @@ class JournalReplayer:
         stored_between = self.stored_between if other_process else None
         out = _Replayed(own_run=own_run)
         sink = _CommitBuffer(self, header.prefix, stop, out, verify=stored_between is None)
+        try:
+            merge = self._merge_of(header)
+        except OSError as exc:
+            raise _Skip(exc) from exc
+        if merge is not None:
+            sink.merge, sink.verify = merge.items, True  # spill lines may have landed (claimed, or seen)
         bounds = good_frames(data, pos)
         first = _first_after(data, bounds, done_up_to)
         if not first:
@@ -246,11 +267,110 @@ class JournalReplayer:
         if pos < len(data):
             records, damage = scan_records(data, pos, last_seq)
             sink.add([(r.seq, r.items) for r in records], 0)
-        sink.flush()
+        try:
+            sink.flush()
+        except BaseException:
+            self._merging.pop(header.writer, None)  # rebuilt from the (claimed) files next time, verified
+            raise
         if own_run and out.seqs:
             with self.lock:
                 self.ledger.mark_done(out.seqs)
         return out, damage
+
+
+    # -- a dead writer's spill files, merged into its journal by seq -----------------------------------
+
+    def _spill_files_of(self, writer: Optional[str]) -> list[str]:
+        """Pending or claimed spill files of ``writer`` for our store, oldest first."""
+        if writer is None:
+            return []
+        out = []
+        for n in self.directory.regular_names():
+            if is_pending_name(n) or n.endswith(".claimed"):
+                parts = parse_name(stem_of(n))
+                if parts is not None and parts.writer == writer and parts.store == self.directory.store:
+                    out.append(n)
+        return sorted(out, key=stem_of)
+
+    def _merge_of(self, header: JournalHeader) -> Optional["_SpillMerge"]:
+        """The writer's spill lines (calls its journal refused), claimed and ordered by seq; None if none.
+
+        A write-ahead writer whose journal failed (disk full) took memory mode's
+        path for those calls and may have spilled them. Its journal and those
+        files together hold its calls; replayed merged by seq, they land in the
+        order they were accepted, per record.
+        """
+        merge = self._merging.get(header.writer)
+        if merge is not None:
+            return merge
+        names = self._spill_files_of(header.writer)
+        if not names:
+            return None
+        merge = _SpillMerge()
+        prefix = header.prefix
+        rows = []
+        for name in names:
+            try:
+                claimed, _ = self.directory.claim(name)
+            except FileNotFoundError:
+                continue
+            parsed = parse_file(claimed, stem_of(claimed.name))
+            for pair, eid in zip(parsed.pairs, parsed.entry_ids):
+                rows.append((_seq_of(eid, prefix), pair, eid))
+            if parsed.bad:
+                merge.keep.append(claimed.name)  # its bad lines: the spill replayer quarantines them (verified)
+            else:
+                merge.done.append(claimed)
+        rows.sort(key=lambda r: r[0])  # stable: a file's lines keep their order
+        merge.items = deque(rows)
+        self._merging[header.writer] = merge
+        return merge
+
+    def _finish_merge(self, merge: "_SpillMerge", prefix: str, stop: StopSignal) -> None:
+        """After the writer's last segment: its remaining spill lines, then its spill files go."""
+        if merge.items:
+            sink = _CommitBuffer(self, prefix, stop, _Replayed(), verify=True)
+            sink.pairs = [pair for _, pair, _ in merge.items]
+            sink.entry_ids = [eid for _, _, eid in merge.items]
+            merge.items.clear()
+            sink.flush()
+        for claimed in merge.done:
+            try:
+                self.directory.remove(claimed)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # written, but still there: replayed again later, verified
+                self._failed(claimed.name, exc)
+        emit(log, logging.INFO, "journal.replay_spill_merged", files=len(merge.done) + len(merge.keep),
+             left_for_quarantine=len(merge.keep))
+
+
+class _Skip(Exception):
+    """A segment that cannot be replayed now (a filesystem error, logged): tried again later."""
+
+
+class _SpillMerge:
+    __slots__ = ("items", "done", "keep")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self.done: list = []  # claimed paths to remove once everything is in the store
+        self.keep: list = []  # claimed files with bad lines, left for the spill replayer
+
+
+def _writer_of(name: str) -> Optional[str]:
+    parts = parse_name(stem_of(name))
+    return parts.writer if parts is not None else None
+
+
+def _seq_of(entry_id: str, prefix: str) -> int:
+    """The call number in ``<prefix><seq:x>.<i>``; 0 (first) for an id of another prefix."""
+    if not entry_id.startswith(prefix):
+        return 0
+    try:
+        return int(entry_id[len(prefix):entry_id.index(".", len(prefix))], 16)
+    except ValueError:
+        return 0
 
 
 class _Replayed:
@@ -275,6 +395,7 @@ class _CommitBuffer:
         self.verify = verify
         self.stored: set = set()
         self.floor = 0  # records at or below this seq are in the store already
+        self.merge: Optional[deque] = None  # (seq, pair, entry id) of the writer's spill lines, by seq
         self.pairs: list = []
         self.entry_ids: list = []
         self.bytes = 0
@@ -283,7 +404,12 @@ class _CommitBuffer:
         if self.floor:
             records = [r for r in records if r[0] > self.floor]
         pairs, eids, prefix = self.pairs, self.entry_ids, self.prefix
+        merge = self.merge
         for seq, items in records:
+            while merge and merge[0][0] < seq:  # the writer's spill lines that come before this call
+                _, pair, eid = merge.popleft()
+                pairs.append(pair)
+                eids.append(eid)
             pairs += items
             if len(items) == 1:
                 eids.append(f"{prefix}{seq:x}.0")
@@ -443,3 +569,19 @@ def memory_mode_replay(lock: threading.Lock, ledger: Ledger, directory: SpillDir
         return False
 
     return replayer, idle
+
+
+class JournalsFirst:
+    """The worker's replayer: dead writers' journals first, then spill files.
+
+    A dead write-ahead writer's spill files are merged into its journal by seq
+    (see :meth:`JournalReplayer._merge_of`); the spill replayer must not take
+    them first while the journal waits.
+    """
+
+    def __init__(self, journals: JournalReplayer, spill_files):
+        self.journals = journals
+        self.spill_files = spill_files
+
+    def replay_some(self, stop: StopSignal) -> bool:
+        return self.journals.replay_some(stop) or self.spill_files.replay_some(stop)
