@@ -8,9 +8,20 @@ at a time (under the directory's replay lock), by a queue's worker when its
 memory is empty, or by ``iai-queue spill replay``.
 
 Per segment: records at or below the writer's checkpoint are skipped (the
-store has them); the rest are delivered in order with ``verify`` set, so the
-store skips entry ids it already has — a replay cut short by a crash and run
-again never applies anything twice. Damage (a torn tail, flipped bytes; see
+store has them); the rest are delivered in order, without any entry id the
+store already has — a replay cut short by a crash and run again never applies
+anything twice. A dead writer of another process: its suffix's ids are looked
+up once per segment by entry-id range (``stored_between``), then written in
+commits of ``COMMIT_PAIRS``; a stopped queue of this process: every batch is
+verified by the store (which also waits for a write of theirs still under way).
+Segments are decoded in bounded runs, so memory does not grow with the journal.
+
+A dead writer's spill files (calls its journal refused, e.g. on a full disk,
+spilled by memory mode's path) are merged into its journal by seq, so its
+calls land in the order they were accepted; the queue's worker and the CLI
+therefore replay journals before spill files (:class:`JournalsFirst`).
+
+Damage (a torn tail, flipped bytes; see
 :mod:`iai_queue.journal.reader` for the resync policy) is set aside byte for
 byte as ``<stem>.failed-<unix_ts>.wal`` with a ``.reason`` file naming each
 span's offsets and cause, *before* the segment is deleted. A segment is
@@ -34,17 +45,16 @@ from ..journal.format import FRAME, JournalHeader, decode_header
 from ..journal.reader import Damage, good_frames, read_segment_bytes, scan_records
 from ..jsoncodec import decode
 from ..pairs import ProvenanceSink
-from ..spill import SpillDirectory
+from ..spill import SpillDirectory, parse_file
 from ..spill.directory import fsync_dir
 from ..spill.locks import lock_held, locks_available
-from ..spill import parse_file
 from ..spill.names import is_journal_name, is_pending_name, parse_name, stem_of, writer_lock_name
 from .delivery import Batch, Delivery
 from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
 from .quarantine import Quarantine
 
-__all__ = ["JournalReplayer"]
+__all__ = ["JournalReplayer", "JournalsFirst", "entry_id_ranges", "memory_mode_replay"]
 
 log = logging.getLogger("iai_queue.queue")
 
@@ -234,10 +244,17 @@ class JournalReplayer:
             raise _Skip(exc) from exc
         if merge is not None:
             sink.merge, sink.verify = merge.items, True  # spill lines may have landed (claimed, or seen)
+        try:
+            return self._deliver_suffix(data, pos, header, done_up_to, sink, stored_between, out)
+        except BaseException:
+            self._merging.pop(header.writer, None)  # rebuilt from the (claimed) files next time, verified
+            raise
+
+    def _deliver_suffix(self, data: bytes, pos: int, header: JournalHeader, done_up_to: int, sink: "_CommitBuffer",
+                        stored_between, out: "_Replayed") -> tuple["_Replayed", list[Damage]]:
         bounds = good_frames(data, pos)
         first = _first_after(data, bounds, done_up_to)
-        if not first:
-            sink.floor = done_up_to  # the search could not skip them: records at or below it are left out
+        sink.floor = done_up_to  # records at or below it are in the store (the search may not have skipped all)
         if stored_between is not None and first < len(bounds) - 1:
             last = _seq_at(data, bounds, len(bounds) - 2)
             lo = _seq_at(data, bounds, first)
@@ -245,7 +262,7 @@ class JournalReplayer:
                 sink.verify = True
             else:
                 sink.stored = set().union(*(stored_between(a, b) for a, b in entry_id_ranges(header.prefix, lo, last)))
-        last_seq = done_up_to if first else 0
+        last_seq = (_seq_at(data, bounds, first - 1) or 0) if first else 0
         i, n = first, len(bounds) - 1
         while i < n:
             j, size = i, 0
@@ -266,13 +283,11 @@ class JournalReplayer:
         damage: list[Damage] = []
         if pos < len(data):
             records, damage = scan_records(data, pos, last_seq)
-            sink.add([(r.seq, r.items) for r in records], 0)
-        try:
-            sink.flush()
-        except BaseException:
-            self._merging.pop(header.writer, None)  # rebuilt from the (claimed) files next time, verified
-            raise
-        if own_run and out.seqs:
+            if records:
+                sink.verify = True  # past the damage: not covered by the range lookup above
+                sink.add([(r.seq, r.items) for r in records], 0)
+        sink.flush()
+        if out.own_run and out.seqs:
             with self.lock:
                 self.ledger.mark_done(out.seqs)
         return out, damage
