@@ -68,7 +68,9 @@ def _version() -> str:
 _SPILL_DOC = """Inspect and repair the provenance spill directory.
 
 The spill directory holds provenance entries the store could not take yet
-(pending files, replayed automatically) and lines that could not be written
+(pending files, replayed automatically), the write-ahead journals of queues
+with durability other than "memory" (<stem>.wal segments, replayed once their
+writer is gone), and lines that could not be written
 (quarantined files, <stem>.failed-<ts>.jsonl, with the reasons in a .reason
 file beside them). Quarantined files wait for an operator: inspect, repair,
 requeue."""
@@ -113,9 +115,10 @@ def _add_spill_commands(spill: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("replay", parents=[common], help="drain the spill directory into a store now",
-                       description="Write the pending files of STORE into it now, progress on stderr. Safe "
-                                   "while other processes use the store: files of a live writer are left to "
-                                   "it, and orphaned files are replayed by one process at a time.")
+                       description="Write the pending files and dead writers' journals of STORE into it "
+                                   "now, progress on stderr. Safe while other processes use the store: files "
+                                   "and journals of a live writer are left to it, and orphaned ones are "
+                                   "replayed by one process at a time.")
     p.add_argument("--store", type=nonempty_text, required=True, metavar="PATH|URI",
                    help="the memory store: a LanceDB directory, or an object-store URI (s3://bucket/prefix)")
     add_storage_option_argument(p)
