@@ -416,11 +416,17 @@ class _CommitBuffer:
         self.bytes = 0
 
     def add(self, records, size: int) -> None:
-        if self.floor:
+        if records and self.floor and records[0][0] <= self.floor:  # seqs increase: only a first run has any
             records = [r for r in records if r[0] > self.floor]
         pairs, eids, prefix = self.pairs, self.entry_ids, self.prefix
         merge = self.merge
-        for seq, items in records:
+        if not merge and all(len(items) == 1 for _, items in records):  # one pair per call: in bulk
+            pairs += [items[0] for _, items in records]
+            eids += [f"{prefix}{seq:x}.0" for seq, _ in records]
+            records_iter = ()
+        else:
+            records_iter = records
+        for seq, items in records_iter:
             while merge and merge[0][0] < seq:  # the writer's spill lines that come before this call
                 _, pair, eid = merge.popleft()
                 pairs.append(pair)
@@ -551,10 +557,16 @@ def _first_bad(objs: list, last_seq: int) -> int:
         seq, items = obj
         if type(seq) is not int or seq <= last_seq or type(items) is not list or not items:
             return k
-        for it in items:
+        if len(items) == 1:  # the common call: one pair, checked without an inner loop
+            it = items[0]
             if type(it) is not list or len(it) != 2 or type(it[0]) is not str or len(it[0]) != 36 \
                     or type(it[1]) is not dict:
                 return k
+        else:
+            for it in items:
+                if type(it) is not list or len(it) != 2 or type(it[0]) is not str or len(it[0]) != 36 \
+                        or type(it[1]) is not dict:
+                    return k
         last_seq = seq
     return len(objs)
 
