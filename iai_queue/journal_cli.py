@@ -31,7 +31,8 @@ class JournalReplayOutcome:
     store_errors: int
 
 
-def replay_dead_journals(store, spill_dir: Path, timeout_s: float, say: Callable[[str], None]) -> JournalReplayOutcome:
+def replay_dead_journals(store, spill_dir: Path, timeout_s: float,
+                         say: Callable[[str], None]) -> JournalReplayOutcome:
     """Replay every dead writer's journal of ``store`` in ``spill_dir``; give up after ``timeout_s`` without progress."""
     from .writebehind.journal_replay import JournalReplayer
     from .writebehind.lifecycle import GiveUp, StopSignal

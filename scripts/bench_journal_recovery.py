@@ -72,7 +72,7 @@ def write_dead_journal(d: Path, entries: int, pairs_per_call: int, checkpoint_fr
     for s in w.segments:
         os.close(s.fd)
     sd.release()  # the writer is gone: its lock is free
-    store.close() if hasattr(store, "close") else None
+    store.close()
     return done_calls
 
 

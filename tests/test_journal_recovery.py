@@ -213,8 +213,9 @@ def test_a_dead_writers_journal_and_spill_files_land_in_seq_order(store, ids, tm
         mode = "memory" if by.startswith("memory") else "process"
         q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability=mode).start()
         try:
-            wait_until(lambda: not [n for n in journals(spill_dir) if q.spill_directory.writer not in n] and not list(spill_dir.glob("*.jsonl"))
-                       and not list(spill_dir.glob("*.claimed")) and q.flush(1.0), 60, "the replay")
+            wait_until(lambda: not [n for n in journals(spill_dir) if q.spill_directory.writer not in n]
+                       and not list(spill_dir.glob("*.jsonl")) and not list(spill_dir.glob("*.claimed"))
+                       and q.flush(1.0), 60, "the replay")
         finally:
             q.stop(5)
     got = entries(store, ids)

@@ -123,8 +123,9 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             self._journal_replayer, journal_idle = memory_mode_replay(
                 lock, ledger, spill, delivery, warn, cfg, ids.prefix, self._store,
                 held_behind=lambda: adm.route is Route.BEHIND_SPILL)
-        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, JournalsFirst(self._journal_replayer, replayer),
-                                   spill, self._maintenance_call, warn, journal_idle)
+        orphans_first = JournalsFirst(self._journal_replayer, replayer)  # a dead writer's journal before its spill files
+        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, orphans_first, spill,
+                                   self._maintenance_call, warn, journal_idle)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
         self._closed = ClosedRoute(lock, adm, ledger, ids, delivery, self._spiller, spill, replayer,
                                    deadline=lambda: self._stop.deadline, replay_budget_s=max(1.0, cfg.exit_timeout))
