@@ -15,7 +15,8 @@ import pytest
 
 from iai_queue import ProvenanceWriteQueue
 from iai_queue.cli import main
-from iai_queue.writebehind.journal_replay import JournalReplayer, entry_id_ranges
+from iai_queue.journal.bulk import entry_id_ranges
+from iai_queue.writebehind.journal_replay import JournalReplayer
 from iai_queue.writebehind.lifecycle import StopSignal
 
 from conftest import make_records

@@ -30,7 +30,6 @@ deleted only after its records are in the store and its damage is set aside.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -41,9 +40,9 @@ from typing import Callable, Optional
 from ..events import RateLimiter, emit
 from ..journal import read_checkpoint
 from ..journal.checkpoint import remove_checkpoint
-from ..journal.format import FRAME, JournalHeader, decode_header
+from ..journal.bulk import decode_run, entry_id_ranges, first_after, first_bad, seq_at
+from ..journal.format import JournalHeader, decode_header
 from ..journal.reader import Damage, good_frames, read_segment_bytes, scan_records
-from ..jsoncodec import decode
 from ..pairs import ProvenanceSink
 from ..spill import SpillDirectory, parse_file
 from ..spill.directory import fsync_dir
@@ -54,7 +53,7 @@ from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
 from .quarantine import Quarantine
 
-__all__ = ["JournalReplayer", "JournalsFirst", "entry_id_ranges", "memory_mode_replay"]
+__all__ = ["JournalReplayer", "JournalsFirst", "memory_mode_replay"]
 
 log = logging.getLogger("iai_queue.queue")
 
@@ -253,24 +252,24 @@ class JournalReplayer:
     def _deliver_suffix(self, data: bytes, pos: int, header: JournalHeader, done_up_to: int, sink: "_CommitBuffer",
                         stored_between, out: "_Replayed") -> tuple["_Replayed", list[Damage]]:
         bounds = good_frames(data, pos)
-        first = _first_after(data, bounds, done_up_to)
+        first = first_after(data, bounds, done_up_to)
         sink.floor = done_up_to  # records at or below it are in the store (the search may not have skipped all)
         if stored_between is not None and first < len(bounds) - 1:
-            last = _seq_at(data, bounds, len(bounds) - 2)
-            lo = _seq_at(data, bounds, first)
+            last = seq_at(data, bounds, len(bounds) - 2)
+            lo = seq_at(data, bounds, first)
             if lo is None or last is None or last < lo:
                 sink.verify = True
             else:
                 sink.stored = set().union(*(stored_between(a, b) for a, b in entry_id_ranges(header.prefix, lo, last)))
-        last_seq = (_seq_at(data, bounds, first - 1) or 0) if first else 0
+        last_seq = (seq_at(data, bounds, first - 1) or 0) if first else 0
         i, n = first, len(bounds) - 1
         while i < n:
             j, size = i, 0
             while j < n and size < RUN_BYTES:
                 size += bounds[j + 1] - bounds[j]
                 j += 1
-            objs = _decode_run(data, bounds, i, j)
-            bad = _first_bad(objs, last_seq)
+            objs = decode_run(data, bounds, i, j)
+            bad = first_bad(objs, last_seq)
             if bad:
                 last_seq = objs[bad - 1][0]
                 sink.add(objs[:bad] if bad < len(objs) else objs, size)
@@ -466,109 +465,12 @@ class _CommitBuffer:
         self.out.pairs += len(pairs)
 
 
-def entry_id_ranges(prefix: str, lo: int, hi: int) -> list[tuple[str, str]]:
-    """``[low, high)`` string ranges holding every entry id ``<prefix><seq:x>.<i>`` with ``lo <= seq <= hi``.
-
-    One range per hex length (ids of one length sort like their numbers). A
-    range may hold ids of other lengths too (``"1f."`` lies between ``"100."``
-    and ``"1ff/"``): harmless, the caller only asks whether its ids are in the set.
-    """
-    out = []
-    length = len(f"{lo:x}")
-    while True:
-        a = max(lo, 16 ** (length - 1) if length > 1 else 0)
-        b = min(hi, 16 ** length - 1)
-        out.append((f"{prefix}{a:x}.", f"{prefix}{b:x}/"))  # "/" sorts right after ".", before the digits
-        if b >= hi:
-            return out
-        length += 1
-
-
 def _writer_pid(writer: str) -> Optional[int]:
     """The pid in a writer name ``w<pid>x<hex>``, or None."""
     try:
         return int(writer[1:writer.index("x")])
     except ValueError:
         return None
-
-
-def _payload(data, bounds: list[int], k: int):
-    return memoryview(data)[bounds[k] + FRAME.size:bounds[k + 1]]
-
-
-def _seq_at(data, bounds: list[int], k: int) -> Optional[int]:
-    try:
-        obj = decode(_payload(data, bounds, k))
-    except ValueError:
-        return None
-    return obj[0] if type(obj) is list and obj and type(obj[0]) is int else None
-
-
-def _first_after(data, bounds: list[int], done_up_to: int) -> int:
-    """Index of the first record of the run with seq above ``done_up_to`` (seqs increase: a binary search);
-    0 when a payload on the way cannot tell (the bulk check then judges every record)."""
-    if not done_up_to:
-        return 0
-    lo, hi = 0, len(bounds) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        seq = _seq_at(data, bounds, mid)
-        if seq is None:
-            return 0
-        if seq <= done_up_to:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def _decode_run(data, bounds: list[int], i: int, j: int) -> list:
-    """The payloads of records ``i..j-1`` decoded, up to the first that is not JSON (the list is shorter then).
-
-    The cyclic garbage collector is paused meanwhile: decoding creates many
-    containers and none of them can form a cycle, so its passes would only cost
-    (about half the decode time on 100 000 records).
-    """
-    mv, f = memoryview(data), FRAME.size
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        try:
-            return [decode(mv[a + f:b]) for a, b in zip(bounds[i:j], bounds[i + 1:j + 1])]
-        except ValueError:
-            objs = []
-            for k in range(i, j):
-                try:
-                    objs.append(decode(mv[bounds[k] + f:bounds[k + 1]]))
-                except ValueError:
-                    break
-            return objs
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _first_bad(objs: list, last_seq: int) -> int:
-    """Index of the first decoded payload the reader would not take as a good record (the same checks as
-    :mod:`iai_queue.journal.reader`), or ``len(objs)``."""
-    for k, obj in enumerate(objs):
-        if type(obj) is not list or len(obj) != 2:
-            return k
-        seq, items = obj
-        if type(seq) is not int or seq <= last_seq or type(items) is not list or not items:
-            return k
-        if len(items) == 1:  # the common call: one pair, checked without an inner loop
-            it = items[0]
-            if type(it) is not list or len(it) != 2 or type(it[0]) is not str or len(it[0]) != 36 \
-                    or type(it[1]) is not dict:
-                return k
-        else:
-            for it in items:
-                if type(it) is not list or len(it) != 2 or type(it[0]) is not str or len(it[0]) != 36 \
-                        or type(it[1]) is not dict:
-                    return k
-        last_seq = seq
-    return len(objs)
 
 
 def memory_mode_replay(lock: threading.Lock, ledger: Ledger, directory: SpillDirectory, delivery: Delivery,
