@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-__all__ = ["RECORDS", "PROVENANCE", "records_schema", "provenance_schema", "open_or_create", "select_in"]
+__all__ = ["RECORDS", "PROVENANCE", "records_schema", "provenance_schema", "open_or_create", "select_between", "select_in"]
 
 RECORDS = "records"
 PROVENANCE = "provenance"
@@ -72,3 +72,10 @@ def select_in(table, column: str, values: Iterable[str]) -> set[str]:
                 .select([column]).limit(None).to_arrow())
         found.update(rows.column(column).to_pylist())
     return found
+
+
+def select_between(table, column: str, low: str, high: str) -> set[str]:
+    """Values ``low <= v < high`` of ``column`` in ``table``, in one range scan."""
+    rows = (table.search().where(f"{column} >= {_sql_str_list([low])} AND {column} < {_sql_str_list([high])}")
+            .select([column]).limit(None).to_arrow())
+    return set(rows.column(column).to_pylist())

@@ -220,6 +220,11 @@ class MemoryStore:
         """Rows in the provenance table (duplicates of an entry id included)."""
         return self._provenance_ops.rows()
 
+    def stored_entry_ids_between(self, low: str, high: str) -> set[str]:
+        """Entry ids ``low <= id < high`` in the provenance table, in one range scan (journal replay
+        verifies a dead writer's ids with it; the entry_id index serves it once maintenance built it)."""
+        return self._provenance_ops.stored_entry_ids_between(low, high)
+
     def search(self, embedding: Sequence[float], k: int = 10) -> list[dict[str, Any]]:
         """The ``k`` nearest records by cosine distance: ``[{"id", "text", "score"}]``, best first."""
         return self._records_ops.search(embedding, k)

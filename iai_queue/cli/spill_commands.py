@@ -22,7 +22,9 @@ __all__ = ["SPILL_DOC", "add_spill_commands", "run_spill"]
 SPILL_DOC = """Inspect and repair the provenance spill directory.
 
 The spill directory holds provenance entries the store could not take yet
-(pending files, replayed automatically) and lines that could not be written
+(pending files, replayed automatically), the write-ahead journals of queues
+with durability other than "memory" (<stem>.wal segments, replayed once their
+writer is gone), and lines that could not be written
 (quarantined files, <stem>.failed-<ts>.jsonl, with the reasons in a .reason
 file beside them). Quarantined files wait for an operator: inspect, repair,
 requeue."""
@@ -47,9 +49,10 @@ def add_spill_commands(spill: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("replay", parents=[common], help="drain the spill directory into a store now",
-                       description="Write the pending files of STORE into it now, progress on stderr. Safe "
-                                   "while other processes use the store: files of a live writer are left to "
-                                   "it, and orphaned files are replayed by one process at a time.")
+                       description="Write the pending files and dead writers' journals of STORE into it "
+                                   "now, progress on stderr. Safe while other processes use the store: files "
+                                   "and journals of a live writer are left to it, and orphaned ones are "
+                                   "replayed by one process at a time.")
     p.add_argument("--store", type=nonempty_text, required=True, metavar="PATH|URI",
                    help="the memory store: a LanceDB directory, or an object-store URI (s3://bucket/prefix)")
     add_storage_option_argument(p)
@@ -89,10 +92,12 @@ def run_spill(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from ..spill import status
     from ..spill.stores import store_locations
+    from .journals import journal_counts, journal_summary
 
     st = status(spill_dir_of(args))
     locations = store_locations(st.path)
     d = st.as_dict()
+    d.update(journal_counts(st))
     d["stores"] = {tag: locations.get(tag) for tag in sorted({f.store for f in st.files if f.store})}
     if args.json:
         out(json.dumps(d, indent=2))
@@ -104,6 +109,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         out(f"quarantined      {plural(d['quarantined_files'], 'file')}, {plural(d['quarantined_lines'], 'line')}")
         if d["tmp_files"]:
             out(f"being written    {plural(d['tmp_files'], 'file')}")
+        if (journal_line := journal_summary(st, size)) is not None:
+            out(journal_line)
         if st.files:
             out("")
             out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} {'STORE':<8} FILE")

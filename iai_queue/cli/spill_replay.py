@@ -59,6 +59,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ..store import MemoryStore
     from ..writebehind import Replayer
     from ..writebehind.lifecycle import GiveUp, StopSignal
+    from .journals import replay_dead_journals
 
     spill_dir = spill_dir_of(args)
     location = _existing_store_location(args.store)
@@ -75,7 +76,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     tag = store.identity  # what the queue's spill names carry for this store
     record_store_location(spill_dir, store.path)  # only where the directory exists; never creates it
-    files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed")]
+    files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed", "journal")]
     ours = [f for f in files if f.store in (tag, None)]
     live = [f for f in ours if f.writer_alive]
     others = [f for f in files if f.store not in (tag, None)]
@@ -109,6 +110,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     gave_up = False
     pkg_log.addHandler(handler)
     try:
+        journals = replay_dead_journals(store, spill_dir, args.timeout, err)  # dead writers' journals first
         last_progress = time.monotonic()
         while True:
             stop = StopSignal()
@@ -129,12 +131,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     finally:
         pkg_log.removeHandler(handler)
     code = 0
-    err(f"replayed {counts['replayed']} entries into {store_path}")
+    err(f"replayed {counts['replayed'] + journals.replayed} entries into {store_path}")
     if counts["quarantined_lines"]:
         err(f"{plural(counts['quarantined_lines'], 'line')} quarantined: see iai-queue spill status --dir {spill_dir}")
         code = 1
-    if left:
-        err(f"gave up after {args.timeout:g}s without progress: {plural(len(left), 'file')} left "
-            f"({counts['store_errors']} store errors); they stay on disk and are replayed later")
+    if journals.damaged_spans:
+        err(f"{plural(journals.damaged_spans, 'damaged journal span')} set aside: see iai-queue spill status "
+            f"--dir {spill_dir}")
+        code = 1
+    if left or journals.left:
+        err(f"gave up after {args.timeout:g}s without progress: {plural(len(left) + journals.left, 'file')} left "
+            f"({counts['store_errors'] + journals.store_errors} store errors); they stay on disk and are "
+            f"replayed later")
         code = 1
     return code

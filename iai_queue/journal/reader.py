@@ -34,7 +34,8 @@ from typing import NamedTuple, Optional
 from ..jsoncodec import decode
 from .format import FRAME, RECORD_MAX, VERSION, JournalHeader, decode_header
 
-__all__ = ["Damage", "Record", "SegmentScan", "data_end", "read_segment_bytes", "scan_records", "scan_segment"]
+__all__ = ["Damage", "Record", "SegmentScan", "data_end", "good_frames", "read_segment_bytes", "scan_records",
+           "scan_segment"]
 
 _FRAME = FRAME.size
 _unpack = FRAME.unpack_from
@@ -116,6 +117,30 @@ def _record_at(data, pos: int, last_seq: int, base: int = 0, check_payload: bool
         if problem is not None:
             return problem
     return Record(base + pos, base + end, obj[0], obj[1])
+
+
+def good_frames(data, pos: int) -> list[int]:
+    """Bounds of the run of whole frames with matching checksums from ``pos``, payloads not decoded.
+
+    Record ``i`` of the run is ``data[b[i]:b[i + 1]]``, its payload
+    ``data[b[i] + FRAME.size:b[i + 1]]``; ``b[-1]`` is where the run stops (the
+    end of ``data``, or a frame that is torn, empty, too long or fails its
+    checksum). For bulk readers (recovery): they decode the payloads in one
+    call, and go on with :func:`scan_records` from ``b[i]`` wherever a payload
+    is not a good record, so damage is judged by the policy above.
+    """
+    data = memoryview(data)
+    n = len(data)
+    bounds = [pos]
+    append = bounds.append
+    while n - pos >= _FRAME:
+        length, crc = _unpack(data, pos)
+        end = pos + _FRAME + length
+        if length == 0 or length > RECORD_MAX or end > n or _crc(data[pos + _FRAME:end]) != crc:
+            break
+        append(end)
+        pos = end
+    return bounds
 
 
 def _resync(data, start: int, last_seq: int, limit: Optional[int] = None) -> Optional[Record]:

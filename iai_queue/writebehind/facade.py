@@ -37,6 +37,7 @@ from .closed import ClosedRoute
 from .chunks import Chunk, chunk_parts, chunk_seq
 from .config import OptionsView, QueueConfig
 from .delivery import Delivery
+from .journal_replay import JournalsFirst, memory_mode_replay
 from .journaling import JournaledAdmission, JournalThread, journal_parts
 from .ledger import Ledger
 from .lifecycle import Backoff, Lifecycle, StopSignal
@@ -118,7 +119,13 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             self._journal, self._journal_replayer, journal_idle = journal_parts(adm, lock, ledger, warn, spill, ids,
                                                                                 delivery, cfg)
             self.enqueue = self._journal.enqueue
-        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, replayer, spill,
+            self._journal_replayer.stored_between = getattr(self._store, "stored_entry_ids_between", None)
+        else:  # memory mode replays dead writers' journals too (journal_replay.py)
+            self._journal_replayer, journal_idle = memory_mode_replay(
+                lock, ledger, spill, delivery, warn, cfg, ids.prefix, self._store,
+                held_behind=lambda: adm.route is Route.BEHIND_SPILL)
+        orphans_first = JournalsFirst(self._journal_replayer, replayer)  # a dead writer's journal before its spill files
+        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, orphans_first, spill,
                                    self._maintenance_call, warn, journal_idle)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
         self._closed = ClosedRoute(lock, adm, ledger, ids, delivery, self._spiller, spill, replayer,
@@ -193,7 +200,8 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             self._spill.reopen()
             stop = self._stop = StopSignal()
             # Spill files of our store already waiting: new entries go behind them.
-            behind = adm.route is not Route.MEMORY or files_waiting(self._spill)
+            behind = adm.route is not Route.MEMORY or files_waiting(self._spill) \
+                or bool(self._journal_replayer.orphans())  # dead writers' journals: behind them too
             if self._journal is not None:  # write-ahead: behind them in the journal's backlog instead
                 self._journal.start(hold=behind or bool(self._journal_replayer.orphans()))
                 behind = False

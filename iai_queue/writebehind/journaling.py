@@ -101,7 +101,7 @@ class JournaledAdmission:
                     if self.backlog is None and len(pending) < self.max_queue_size:
                         pending.append((seq, items))
                         if len(pending) >= adm.wake_threshold:
-                            adm.worker_wake.set()
+                            adm.wake_worker()  # and disarm: the rest of the burst does not set it again
                     else:
                         self._behind_backlog_locked(seq, len(items), seg, offset)
                     if not self.always:
