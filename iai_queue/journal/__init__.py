@@ -9,9 +9,13 @@ directory it shares). Its parts, each with the rules it implements at its top:
   (a torn tail, flipped bytes) reported with its offsets and reason, never skipped silently.
 - :mod:`.checkpoint` — a writer's high-water mark: every call numbered up to it
   is in the store, so recovery replays only what follows.
-- :mod:`.writer` — :class:`JournalWriter`: segment files rolled at a size bound, each a
-  shared mapping of reserved blocks (one copy per call, no system call; ``pwrite`` where
-  ``posix_fallocate`` is missing), the group-commit fsync, retiring segments the store has.
+- :mod:`.segment` — one segment file: created exclusively, a shared mapping of blocks
+  reserved an extent at a time (one copy per call, no system call; ``pwrite`` where
+  ``posix_fallocate`` is missing), so a full disk is ``ENOSPC``, never SIGBUS; cut to its
+  used size when finished; fsynced on dups of its fd.
+- :mod:`.writer` — :class:`JournalWriter`, the policy over segments: one record per call,
+  rolling at a size bound, the group-commit fsync, falling back (and retrying) when the disk
+  refuses, re-writing what a removed directory took, checkpointing and retiring segments the store has.
 
 Where the files live: in the spill directory, named like spill files
 (``<ts_ns>-<store>-<writer>-<n>.wal``) and guarded by the same writer lock, so

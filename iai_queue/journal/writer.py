@@ -1,23 +1,15 @@
-"""JournalWriter: one queue's segments — append, roll, fsync, retire.
+"""JournalWriter: one queue's segments — append, roll, fsync, retire; the policy over :mod:`.segment`.
 
 Guarantees (write-ahead mode):
 
 - Process death: :meth:`JournalWriter.append_locked` returns only after the
   whole record is in the kernel's page cache, where it outlives the process
-  (SIGKILL, OOM kill, a segfault). On Linux a segment is a shared memory
-  mapping (``mmap``, ``MAP_SHARED``) of a file whose blocks were reserved with
-  ``posix_fallocate`` before any record is copied into them: a store into the
-  mapping is a store into the page cache, exactly what ``write()`` achieves,
-  without a system call per record. Space is reserved in extents as the
-  segment grows, so a full disk shows as ``ENOSPC`` from ``posix_fallocate``
-  (the caller's fallback), never as SIGBUS on a later store. Elsewhere (no
-  ``posix_fallocate``) every record is one ``pwrite``; a short or failed write
-  is cut back (``ftruncate``) to the last whole record.
-- A segment's unused rest is zeros (format version 2, see :mod:`.format`): a
-  reader tells the end of the data (a zero length with only zeros after it)
-  from a torn record (a bad checksum, a short payload, or a zero length with
-  data after it), whatever order a copy cut short by a kill stored its bytes in. A segment is cut to its used size when it rolls or closes; a
-  writer that dies leaves the zeros, which readers skip.
+  (SIGKILL, OOM kill, a segfault): one copy into a segment's shared mapping
+  of reserved blocks, or one ``pwrite`` (how, and why a full disk shows as
+  ``ENOSPC``, never SIGBUS: :mod:`.segment`). A failed reservation or write
+  is the caller's fallback: a short or failed ``pwrite`` is cut back
+  (``ftruncate``) to the last whole record, a failed segment is finished (cut
+  to its used size) and the writer waits ``retry_s`` before a new one.
 - Power loss (``fsync-interval``): a background thread fsyncs every
   ``fsync_interval`` (group commit, like Redis ``appendfsync everysec``);
   :meth:`wait_synced` blocks until a given call is on stable storage
@@ -37,34 +29,21 @@ and one copy into the mapping. fsync runs on a ``dup`` of the fd, outside the lo
 from __future__ import annotations
 
 import errno
-import mmap
 import os
-import sys
 import threading
 import time
 from enum import Enum
-from pathlib import Path
 from typing import Callable, Optional
 
 from ..jsoncodec import OPTIONS, encode
-
-
 from .checkpoint import remove_checkpoint, write_checkpoint
 from .format import FRAME, JournalHeader, frame, segment_start
-from .reader import Record, scan_records
+from .reader import Record
+from .segment import EXTENT_BYTES, MAPPED, Segment, SegmentFiles, fsync_segments, unsynced_segments
 
 __all__ = ["Durability", "JournalFailed", "JournalWriter", "Segment"]
 
 _frame_pack = FRAME.pack
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-# Mapped segments where the platform gives both halves of the guarantee: reserved blocks
-# (posix_fallocate) and fsync covering stores through a shared mapping (Linux).
-MAPPED = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
-EXTENT_BYTES = 256 << 10  # blocks are reserved (and their pages faulted in) this much at a time
-# madvise(MADV_POPULATE_WRITE) (Linux >= 5.14; the constant is part of the kernel ABI): fault the pages of a
-# fresh extent in writable at once, instead of one page fault per 4 KiB of records. Best effort.
-_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23) if MAPPED else None
 
 
 class Durability(Enum):
@@ -88,26 +67,6 @@ class JournalFailed(OSError):
     """The journal cannot take records right now (it failed recently and waits before retrying)."""
 
 
-class Segment:
-    __slots__ = ("path", "fd", "size", "data_start", "first_seq", "last_seq", "created", "closed", "synced_size",
-                 "unlinked", "map", "capacity", "reserved")
-
-    def __init__(self, path: Path, fd: int, size: int, capacity: int = 0, mapping: Optional[mmap.mmap] = None):
-        self.path = path
-        self.fd = fd
-        self.size = size  # bytes of whole records (what a reader may read)
-        self.capacity = max(capacity, size)  # records go in while they fit; then the writer rolls
-        self.map = mapping  # the shared mapping of [0, capacity) while the segment is written; None: pwrite
-        self.reserved = size  # blocks are reserved (posix_fallocate) for [0, reserved)
-        self.data_start = size  # the first record's offset (after the header)
-        self.first_seq = 0
-        self.last_seq = 0  # 0: no record yet
-        self.created = time.time()
-        self.closed = False
-        self.synced_size = 0  # bytes fsynced (size > synced_size: written since the last fsync)
-        self.unlinked = False  # its file was removed under us
-
-
 class JournalWriter:
     """The segments of one queue run. ``directory`` is the queue's :class:`~iai_queue.spill.SpillDirectory`."""
 
@@ -121,8 +80,7 @@ class JournalWriter:
         self.fsync_interval_s = fsync_interval_s
         self.retry_s = retry_s
         self.mapped = mapped  # False: pwrite every record (the portable path; also for comparison)
-        self.extent_bytes = extent_bytes
-        self.populate = populate
+        self.files = SegmentFiles(extent_bytes, populate)
         self.lock = threading.Lock()
         self.synced = threading.Condition(threading.Lock())
         self.sync_wanted = threading.Event()
@@ -152,81 +110,16 @@ class JournalWriter:
         directory.hold_writer_lock()  # creates (or re-creates) the directory, 0o700
         old = self.current
         if old is not None:
-            self._finish_locked(old)  # its fd stays open for backlog reads until the segment is retired
+            old.finish()  # its fd stays open for backlog reads until the segment is retired
         path = directory.path / (directory.next_stem() + ".wal")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
-        seg = None
-        try:
-            start = segment_start(JournalHeader(directory.writer, self.prefix, directory.store, time.time_ns()))
-            if os.pwrite(fd, start, 0) != len(start):
-                raise OSError(errno.ENOSPC, "short write of a journal segment header")
-            capacity = max(self.segment_bytes, len(start) + need)
-            seg = Segment(path, fd, len(start), capacity, self._map(fd, len(start), capacity))
-            if seg.map is not None:
-                self._reserve_locked(seg, seg.size + need)
-        except BaseException:
-            if seg is not None and seg.map is not None:
-                seg.map.close()
-            os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            raise
+        start = segment_start(JournalHeader(directory.writer, self.prefix, directory.store, time.time_ns()))
+        seg = self.files.create(path, start, max(self.segment_bytes, len(start) + need), need,
+                                mapped=self.mapped and MAPPED)
         self.segments.append(seg)
         self.current = seg
         self.dir_dirty = True
         self._relocate_unlinked_locked(seg)
         return seg
-
-    def _map(self, fd: int, used: int, capacity: int) -> Optional[mmap.mmap]:
-        """The segment's file made ``capacity`` long (a hole: nothing reserved yet) and mapped; None where
-        mapping is not used or not possible (the segment is then written with pwrite)."""
-        if not (self.mapped and MAPPED):
-            return None
-        try:
-            os.ftruncate(fd, capacity)
-            return mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError):  # a filesystem that cannot map files: pwrite into an exact-size file
-            os.ftruncate(fd, used)
-            return None
-
-    def _reserve_locked(self, seg: Segment, end: int) -> None:
-        """Blocks reserved for ``[0, end)`` of a mapped segment, an extent at a time; raises OSError
-        (ENOSPC) when the disk has no room even for ``end``: nothing was copied into the mapping then."""
-        start = seg.reserved
-        if end <= start:
-            return
-        to = min(seg.capacity, max(end, start + self.extent_bytes))
-        try:
-            os.posix_fallocate(seg.fd, start, to - start)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC or to == end:
-                raise
-            to = end  # nearly full: reserve just this record's bytes (slower, but nothing falls back yet)
-            os.posix_fallocate(seg.fd, start, to - start)
-        if _POPULATE_WRITE is not None and self.populate:
-            page = mmap.PAGESIZE
-            lo = start // page * page
-            try:
-                seg.map.madvise(_POPULATE_WRITE, lo, to - lo)
-            except (OSError, ValueError):
-                self.populate = False  # an older kernel: page faults instead
-        seg.reserved = to
-
-    def _finish_locked(self, seg: Segment) -> None:
-        """No more records for ``seg``: unmap it and cut the unused, zero-filled rest (best effort: a
-        reader skips a zero tail anyway)."""
-        seg.closed = True
-        m = seg.map
-        if m is not None:
-            seg.map = None
-            m.close()
-            try:
-                os.ftruncate(seg.fd, seg.size)
-            except OSError:
-                pass
-            seg.capacity = seg.reserved = seg.size
 
     def _relocate_unlinked_locked(self, into: Segment) -> None:
         """Records of segments whose file was removed, not yet done, written again into ``into``."""
@@ -294,7 +187,7 @@ class JournalWriter:
         else:
             try:
                 if m is not None and end <= seg.capacity:
-                    self._reserve_locked(seg, end)
+                    self.files.reserve(seg, end)
                     m[size:end] = data
                 else:
                     n = os.pwrite(seg.fd, data, size)
@@ -302,10 +195,7 @@ class JournalWriter:
                         raise OSError(errno.ENOSPC, f"short write to the journal ({n} of {len(data)} bytes)")
             except OSError as exc:
                 if m is None or end > seg.capacity:  # (a mapped segment is unmapped by _failed_locked at once)
-                    try:
-                        os.ftruncate(seg.fd, size)  # never leave half a record in a live segment
-                    except OSError:
-                        pass
+                    seg.cut_back(size)  # never leave half a record in a live segment
                 self._failed_locked(exc)
                 raise
         seg.size = end
@@ -315,7 +205,7 @@ class JournalWriter:
         self.last_error = exc
         self.retry_at = time.monotonic() + self.retry_s
         if self.current is not None:
-            self._finish_locked(self.current)
+            self.current.finish()
             self.current = None
 
     # -- reading our own segments (the backlog) -----------------------------------------
@@ -324,13 +214,7 @@ class JournalWriter:
                      limit: Optional[int] = None) -> tuple[list[Record], int]:
         """Whole records of ``seg`` from ``offset`` up to ``end`` (default: its size now), at most ``limit``
         of them; and where they end."""
-        end = seg.size if end is None else end
-        if end <= offset:
-            return [], offset
-        data = os.pread(seg.fd, end - offset, offset)
-        # Our own records, checksummed: their shape is the encoder's, so it is not checked again.
-        records, _ = scan_records(data, 0, 0, resync=False, limit=limit, base=offset, check_payload=False)
-        return records, (records[-1].end if records else offset)
+        return seg.read_records(offset, end, limit)
 
     # -- the journal thread: fsync, retire, checkpoint ------------------------------------
 
@@ -338,21 +222,9 @@ class JournalWriter:
         """fsync every segment written since the last sync (on dups of their fds, outside the lock)."""
         with self.lock:
             target = self.appended_seq
-            fds = []
-            done = []
-            for s in self.segments:
-                if s.size != s.synced_size and not s.unlinked:
-                    done.append((s, s.size))
-                    fds.append(os.dup(s.fd))
+            unsynced = unsynced_segments(self.segments)
             dir_dirty, self.dir_dirty = self.dir_dirty, False
-        try:
-            for fd in fds:
-                os.fsync(fd)  # on Linux this writes back pages dirtied through the shared mapping too
-        finally:
-            for fd in fds:
-                os.close(fd)
-        for s, size in done:
-            s.synced_size = max(s.synced_size, size)
+        fsync_segments(unsynced)
         if dir_dirty:
             from ..spill.directory import fsync_dir
 
@@ -378,11 +250,11 @@ class JournalWriter:
         """Notice segments removed under us; the next append starts a new one and copies what they held."""
         with self.lock:
             for s in self.segments:
-                if not s.unlinked and os.fstat(s.fd).st_nlink == 0:
+                if not s.unlinked and s.file_removed():
                     s.unlinked = True
                     if s is self.current:
                         self.current = None  # the next append rolls (and relocates)
-                        self._finish_locked(s)
+                        s.finish()
 
     def retire(self, done_seq: int, in_use: Callable[[Segment], bool] = lambda s: False) -> int:
         """Checkpoint ``done_seq``, then delete closed segments all of whose records are at or below it."""
@@ -397,16 +269,7 @@ class JournalWriter:
         with self.lock:
             keep = []
             for s in self.segments:
-                if s.closed and s is not self.current and s.last_seq <= done_seq and not in_use(s):
-                    try:
-                        if not s.unlinked:
-                            os.unlink(s.path)
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        keep.append(s)
-                        continue
-                    os.close(s.fd)
+                if s.closed and s is not self.current and s.last_seq <= done_seq and not in_use(s) and s.delete():
                     removed += 1
                 else:
                     keep.append(s)
@@ -418,7 +281,7 @@ class JournalWriter:
         with self.lock:
             self.closed = True
             if self.current is not None:
-                self._finish_locked(self.current)
+                self.current.finish()
                 self.current = None
         if self.durability.fsyncs:
             try:
@@ -430,12 +293,9 @@ class JournalWriter:
             self.remaining_after_close = any(s.last_seq for s in self.segments)
             for s in self.segments:
                 os.close(s.fd)
-            if not any(s.last_seq for s in self.segments):
+            if not self.remaining_after_close:
                 for s in self.segments:  # header-only segments hold nothing
-                    try:
-                        os.unlink(s.path)
-                    except OSError:
-                        pass
+                    s.remove_file()
             self.segments = []
         if not self.remaining_after_close:
             remove_checkpoint(self.directory.path, self.directory.writer)

@@ -14,6 +14,10 @@ Where each guarantee lives (its full text is at the top of that module):
 8   fork                         :mod:`.facade`
 9   exit                         :mod:`.facade`
 10  disk trouble                 :mod:`.admission`, :mod:`.spilling`
+11  write-ahead journal          :mod:`.journaling` (enqueue, fallback), :mod:`.journal_backlog` (refill),
+                                 :mod:`iai_queue.journal` (segments, fsync, checkpoints)
+12  journal recovery             :mod:`.journal_replay` (claim, deliver, checkpoint),
+                                 :mod:`.journal_merge` (bulk decode, commits, merge with spill files)
 --  flush                        :mod:`.ledger`
 --  the one drop path            :mod:`.admission`
 ==  ===========================  ==============================================
@@ -24,7 +28,12 @@ store) ; :mod:`.spilling` (memory → disk) and :mod:`.replay` (disk → store)
 through :mod:`iai_queue.spill`; :mod:`.ledger` (numbers, done-marks, counters)
 and :mod:`.lifecycle` (states, stop signal, backoff) beside them;
 :mod:`.threads` (supervised threads of a run) and :mod:`.stopping` (the drain
-at ``stop()``); :mod:`.facade` puts them together.
+at ``stop()``); :mod:`.facade` puts them together. Write-ahead mode
+(``durability`` other than memory) adds :mod:`.journaling` (the journaled
+``enqueue`` and the journal thread) with :mod:`.journal_backlog` (calls on disk
+only, read back into memory), and recovery of dead writers' journals:
+:mod:`.journal_replay` (which segments, when, and deleting them) with
+:mod:`.journal_merge` (their bytes into store writes).
 
 What is not promised: entries still in memory when the process is SIGKILLed
 are lost — at most ``max_queue_size`` batches, ``max_memory_pairs`` pairs on

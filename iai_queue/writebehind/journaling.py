@@ -11,8 +11,9 @@ process dies next — replayed by the next queue on the store, exactly once
 
 Memory is a cache: a call goes to memory too while memory has room and no
 backlog waits. Once memory is full the calls stay on disk only (the
-*backlog*); the worker re-reads them, in order, when memory is empty, and
-calls go to memory again once it has caught up. Nothing spills.
+*backlog*); the worker re-reads them, in order, when memory is empty (how
+they are read back: :mod:`.journal_backlog`), and calls go to memory again
+once it has caught up. Nothing spills.
 
 At start, while journals of dead writers or spill files of the store wait,
 new calls wait in the backlog behind them (order per record).
@@ -32,12 +33,12 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Optional
-from uuid import UUID
 
 from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
 from .admission import Admission, accepted_items
 from .chunks import chunk_seq
+from .journal_backlog import REFILL_BYTES, as_chunks, read_backlog, segment_after
 from .ledger import Ledger
 from .lifecycle import StopSignal
 
@@ -46,7 +47,6 @@ __all__ = ["JournaledAdmission", "JournalThread"]
 log = logging.getLogger("iai_queue.queue")
 
 SYNC_WAIT_S = 10.0  # fsync-always: enqueue waits at most this long for its fsync, then returns (logged)
-REFILL_BYTES = 4 << 20  # the most the worker reads from the journal per refill
 
 
 class JournaledAdmission:
@@ -173,31 +173,9 @@ class JournaledAdmission:
             seg, offset = self.backlog
             end = min(seg.size, offset + REFILL_BYTES)
             room = self.max_queue_size - len(self.adm.pending)
-        # Only what fits is decoded (read_records' limit): the rest is read again next time, never decoded twice.
-        taken: list = []
-        new_offset = offset
-        while len(taken) < room:
-            want = room - len(taken)
-            records, _ = writer.read_records(seg, new_offset, end, want)
-            if not records and new_offset == offset and end < seg.size:  # one record larger than REFILL_BYTES
-                records, _ = writer.read_records(seg, new_offset, None, 1)
-            for r in records:
-                new_offset = r.end
-                if r.seq > self.backlog_seq:  # else: a copy written after its segment was removed, taken before
-                    taken.append(r)
-            if len(records) < want:
-                break
-        # Chunks shaped as enqueue leaves them: ids as UUIDs (a record's id repeats: parsed once per refill).
-        uuid_of: dict = {}
-        chunks = []
-        for r in taken:
-            items = []
-            for rid, entry in r.items:
-                u = uuid_of.get(rid)
-                if u is None:
-                    u = uuid_of[rid] = UUID(rid)
-                items.append((u, entry))
-            chunks.append((r.seq, tuple(items)))
+            after_seq = self.backlog_seq
+        taken, new_offset = read_backlog(writer.read_records, seg, offset, end, room, after_seq)
+        chunks = as_chunks(taken)
         moved = 0
         with writer.lock:
             pending = self.adm.pending
@@ -215,12 +193,11 @@ class JournaledAdmission:
         if offset < seg.size:
             self.backlog = (seg, offset)
             return
-        segs = writer.segments
-        later = [s for i, s in enumerate(segs) if i > 0 and segs[i - 1] is seg]
-        if seg is writer.current or not later:
+        later = segment_after(writer.segments, seg)
+        if seg is writer.current or later is None:
             self._caught_up_locked()
         else:
-            self.backlog = (later[0], later[0].data_start)
+            self.backlog = (later, later.data_start)
 
     def _caught_up_locked(self) -> None:
         """Every journaled call is in memory (or done): calls go to memory again, after the held ones."""
