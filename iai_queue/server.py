@@ -246,14 +246,24 @@ def run(args: argparse.Namespace) -> int:
         store.enable_provenance_queue()
     graceful = install_graceful_shutdown(store, (signal.SIGTERM, signal.SIGINT))
     log.info("serving %s (%d-d, embedder %r) over %s", store.path, store.dim, embed, args.transport)
+    interrupted = False
     try:
         if args.transport == "stdio":
             server.run("stdio")
         else:
             server.run("streamable-http", host=args.host, port=args.port)
     except KeyboardInterrupt:  # SIGINT, after the graceful handler drained the queue
-        return 130
+        interrupted = True
     finally:
         store.disable_provenance_queue()  # stdin closed or the HTTP server stopped: drain before exit
         graceful.uninstall()
+    if interrupted:
+        # The interrupt tore the event loop down mid-flight: anyio's worker threads (not daemons) can
+        # then wait forever for a shutdown command that never comes, and the interpreter for them at
+        # exit. Ours is drained: stop maintenance, flush, and end now with Ctrl-C's status.
+        store.close()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     return 0

@@ -218,6 +218,35 @@ def test_serve_exits_cleanly_on_sigint_and_on_stdin_eof(tmp_path, how, code):
 
 
 @pytest.mark.timeout(60)
+def test_serve_exits_on_sigint_while_serving_a_session(tmp_path):
+    """SIGINT once the stdio session runs (its reader on an anyio worker thread): the interrupt tears
+    the event loop down, and the process must still end, not wait for that thread at exit."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "HOME": str(tmp_path), "IAI_QUEUE_SPILL_DIR": str(tmp_path / "spill")}
+    proc = subprocess.Popen([sys.executable, "-m", "iai_queue", "serve", "--store", str(tmp_path / "db"),
+                             "--dim", "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        assert "serving" in proc.stderr.readline()
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "0"}}}) + "\n")
+        proc.stdin.flush()
+        reply = json.loads(proc.stdout.readline())  # the session is up
+        assert reply["id"] == 1 and "result" in reply, reply
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "shutdown.drained" in err
+
+
+@pytest.mark.timeout(60)
 def test_streamable_http_transport_and_sigterm_drain(tmp_path):
     import socket
     import subprocess
