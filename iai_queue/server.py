@@ -244,6 +244,15 @@ def run(args: argparse.Namespace) -> int:
     server = build_server(store, embed)
     if not args.no_queue:
         store.enable_provenance_queue()
+
+    def exit_interrupted(signum: int, frame: Any) -> None:
+        # What SIGINT chains to once the graceful handler has drained the queue: end now with Ctrl-C's
+        # status. A KeyboardInterrupt would tear the event loop down mid-flight instead: the MCP
+        # library prints exception groups, and anyio's stdin worker thread (not a daemon) can keep
+        # the interpreter from exiting at all.
+        _end_now(store, 128 + signum)
+
+    signal.signal(signal.SIGINT, exit_interrupted)
     graceful = install_graceful_shutdown(store, (signal.SIGTERM, signal.SIGINT))
     log.info("serving %s (%d-d, embedder %r) over %s", store.path, store.dim, embed, args.transport)
     interrupted = False
@@ -257,13 +266,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.disable_provenance_queue()  # stdin closed or the HTTP server stopped: drain before exit
         graceful.uninstall()
-    if interrupted:
-        # The interrupt tore the event loop down mid-flight: anyio's worker threads (not daemons) can
-        # then wait forever for a shutdown command that never comes, and the interpreter for them at
-        # exit. Ours is drained: stop maintenance, flush, and end now with Ctrl-C's status.
-        store.close()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    if interrupted:  # a KeyboardInterrupt from elsewhere: drained above; do not wait for anyio's threads
+        _end_now(store, 130)
     return 0
+
+
+def _end_now(store, status: int) -> None:
+    """Stop maintenance, flush the logs and stdio, and end the process with ``status`` at once."""
+    store.close()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
