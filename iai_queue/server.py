@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             server.run("stdio")
         else:
             server.run("streamable-http", host=args.host, port=args.port)
-    except KeyboardInterrupt:  # SIGINT, after the graceful handler drained the queue
+    except KeyboardInterrupt:  # raised by something else than our SIGINT handler (which exits above)
         interrupted = True
     finally:
         store.disable_provenance_queue()  # stdin closed or the HTTP server stopped: drain before exit
