@@ -51,8 +51,8 @@ from ..spill.names import is_journal_name, parse_name, stem_of, writer_lock_name
 from .delivery import Batch, Delivery
 from .journal_merge import CommitBuffer, Replayed, SpillMerges, decode_suffix
 from .ledger import Ledger
-from .lifecycle import Backoff, StopSignal
-from .quarantine import Quarantine
+from .lifecycle import StopSignal
+from .replay import StandaloneParts
 
 __all__ = ["JournalReplayer", "JournalsFirst", "memory_mode_replay"]
 
@@ -87,16 +87,9 @@ class JournalReplayer:
     def for_store(cls, store: ProvenanceSink, spill_dir, *, batch_pairs: int = 8192, retry_initial_s: float = 0.05,
                   retry_max_s: float = 1.0) -> "JournalReplayer":
         """A replayer of its own (no queue): for ``iai-queue spill replay``. Its counts are in ``ledger.n``."""
-        lock = threading.Lock()
-        ledger = Ledger(lock)
-        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None),
-                                   tag=getattr(store, "identity", None))
-        warn = RateLimiter()
-        quarantine = Quarantine(lock, ledger, directory, warn)
-        delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
-                            Backoff(retry_initial_s, retry_max_s), warn, quarantine.pairs)
-        return cls(lock, ledger, directory, delivery, warn, batch_pairs=batch_pairs, retry_unreadable_s=retry_max_s,
-                   stored_between=getattr(store, "stored_entry_ids_between", None))
+        p = StandaloneParts.for_store(store, spill_dir, retry_initial_s, retry_max_s)
+        return cls(p.lock, p.ledger, p.directory, p.delivery, p.warn, batch_pairs=batch_pairs,
+                   retry_unreadable_s=retry_max_s, stored_between=getattr(store, "stored_entry_ids_between", None))
 
     def orphans(self) -> list[str]:
         """Orphan segments of our store, oldest first (empty where file locks are unavailable)."""

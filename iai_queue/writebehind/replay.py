@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 from ..events import RateLimiter, emit
 from ..pairs import ProvenanceSink
@@ -28,9 +29,35 @@ from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
 from .quarantine import Quarantine
 
-__all__ = ["Replayer", "files_waiting"]
+__all__ = ["Replayer", "StandaloneParts", "files_waiting"]
 
 log = logging.getLogger("iai_queue.queue")
+
+
+
+class StandaloneParts(NamedTuple):
+    """What a replayer needs when no queue provides it (``iai-queue spill replay``): one lock, ledger,
+    directory, rate limiter, quarantine and a delivery into ``store.append_provenance_batch``."""
+
+    lock: threading.Lock
+    ledger: Ledger
+    directory: SpillDirectory
+    warn: RateLimiter
+    quarantine: Quarantine
+    delivery: Delivery
+
+    @classmethod
+    def for_store(cls, store: ProvenanceSink, spill_dir, retry_initial_s: float,
+                  retry_max_s: float) -> "StandaloneParts":
+        lock = threading.Lock()
+        ledger = Ledger(lock)
+        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None),
+                                   tag=getattr(store, "identity", None))
+        warn = RateLimiter()
+        quarantine = Quarantine(lock, ledger, directory, warn)
+        delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
+                            Backoff(retry_initial_s, retry_max_s), warn, quarantine.pairs)
+        return cls(lock, ledger, directory, warn, quarantine, delivery)
 
 
 class Replayer:
@@ -50,15 +77,8 @@ class Replayer:
     def for_store(cls, store: ProvenanceSink, spill_dir, *, batch_pairs: int = 8192, retry_initial_s: float = 0.05,
                   retry_max_s: float = 1.0) -> "Replayer":
         """A replayer of its own (no queue): for ``iai-queue spill replay``. Its counts are in ``ledger.n``."""
-        lock = threading.Lock()
-        ledger = Ledger(lock)
-        directory = SpillDirectory(spill_dir, store_path=getattr(store, "path", None),
-                                   tag=getattr(store, "identity", None))
-        warn = RateLimiter()
-        quarantine = Quarantine(lock, ledger, directory, warn)
-        delivery = Delivery(lock, ledger, lambda b: store.append_provenance_batch(b, records_cache=None),
-                            Backoff(retry_initial_s, retry_max_s), warn, quarantine.pairs)
-        return cls(lock, ledger, directory, delivery, quarantine, warn, batch_pairs=batch_pairs,
+        p = StandaloneParts.for_store(store, spill_dir, retry_initial_s, retry_max_s)
+        return cls(p.lock, p.ledger, p.directory, p.delivery, p.quarantine, p.warn, batch_pairs=batch_pairs,
                    retry_unreadable_s=retry_max_s)
 
     def replay_some(self, stop: StopSignal, own_under_lock: bool = False) -> bool:
