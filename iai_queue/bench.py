@@ -31,8 +31,8 @@ from pathlib import Path
 from .benchkit import (StoreGate, percentiles, print_table, progress_bar, random_cues, random_ids, report_targets,
                        rss_bytes, seed_store)
 
-__all__ = ["add_arguments", "run", "percentiles", "seed_store", "random_ids", "print_table", "StoreGate",
-           "report_targets", "rss_bytes"]
+__all__ = ["add_arguments", "run", "UsageError", "check_output_file", "percentiles", "seed_store", "random_ids",
+           "print_table", "StoreGate", "report_targets", "rss_bytes"]
 
 DIM = 384
 MODES = ("queued", "sync", "noop")
@@ -69,7 +69,8 @@ class UsageError(Exception):
     """A bad argument found before the run: one line, exit 2."""
 
 
-def _check_output_file(path: Path, flag: str) -> None:
+def check_output_file(path: Path, flag: str) -> None:
+    """Raise UsageError unless ``path`` can be written as a new file (checked before the run)."""
     if path.is_dir():
         raise UsageError(f"{flag} {str(path)!r} is a directory, not a file")
     parent = path.parent
@@ -82,9 +83,9 @@ def _check_output_file(path: Path, flag: str) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the arguments that can be known before seeding; raises UsageError."""
     if args.json is not None:
-        _check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json")
     if args.plot is not None:
-        _check_output_file(args.plot, "--plot")
+        check_output_file(args.plot, "--plot")
         from .plot import check_plot_path
 
         try:

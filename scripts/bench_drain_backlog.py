@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -38,13 +37,10 @@ import pyarrow as pa
 
 from iai_queue import MemoryStore, ProvenanceWriteQueue
 from iai_queue.cli import positive_int
-from iai_queue.bench import StoreGate, print_table, random_ids, report_targets, seed_store
+from iai_queue.bench import (StoreGate, UsageError, check_output_file, print_table, random_ids, report_targets,
+                             seed_store)
 
 ENTRY = {"ts": "2025-01-01T00:00:00+00:00", "cue": "what did we decide about the cache", "session_id": "bench"}
-
-
-class UsageError(Exception):
-    """A bad argument, found before any work: one line on stderr, exit 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -151,11 +147,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     if args.json:
-        parent = Path(args.json).resolve().parent
-        if Path(args.json).is_dir():
-            raise UsageError(f"--json {args.json!r} is a directory")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UsageError(f"--json {args.json!r}: directory {str(parent)!r} does not exist or is not writable")
+        check_output_file(Path(args.json).resolve(), "--json")
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     return args

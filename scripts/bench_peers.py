@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_enqueue import measure  # noqa: E402  (the same paced bursts as the enqueue benchmark)
 
 from iai_queue import MemoryStore, ProvenanceWriteQueue  # noqa: E402
-from iai_queue.bench import percentiles, print_table, report_targets, seed_store  # noqa: E402
+from iai_queue.bench import (UsageError, check_output_file, percentiles, print_table,  # noqa: E402
+                             report_targets, seed_store)
 from iai_queue.cli import positive_int  # noqa: E402
 
 BATCH = 256          # pairs per write, every queue
@@ -65,10 +66,6 @@ LINGER_MS = 50       # iai_queue's coalesce_ms, OTel's schedule delay
 QUEUE_BOUND = 4096   # iai_queue's max_queue_size, OTel's max_queue_size, sentry's queue_size
 POLL_S = 0.05        # how often an idle consumer thread checks for stop
 ENTRY_TS = "2025-01-01T00:00:00+00:00"
-
-
-class UsageError(Exception):
-    """A bad argument, found before any work: one line on stderr, exit 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -506,11 +503,7 @@ def parse_args(argv) -> argparse.Namespace:
     if args.rounds > args.calls:
         raise UsageError(f"--rounds {args.rounds} is more than --calls {args.calls}")
     if args.json:
-        parent = Path(args.json).resolve().parent
-        if Path(args.json).is_dir():
-            raise UsageError(f"--json {args.json!r} is a directory")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UsageError(f"--json {args.json!r}: directory {str(parent)!r} does not exist or is not writable")
+        check_output_file(Path(args.json).resolve(), "--json")
     return args
 
 
