@@ -11,10 +11,11 @@ which host runs:
 
 * a local store: ``flock`` on ``<store>/.iai-queue-maintain.lock``, held for the
   run (the kernel releases it if the process dies);
-* an object store: the conditional create LanceDB commits with. Claiming window
+* an object store: the conditional put Lance commits with. Claiming window
   ``w = floor(wall_clock / window_s)`` means creating the table
-  ``_iai_queue_maintenance_<w>``; exactly one host's create succeeds, and only
-  that host runs in that window. A run longer than a window, or clocks skewed
+  ``_iai_queue_maintenance_<w>`` with a row naming this claimant; version 1 of
+  that table is written by exactly one host (a losing create may still commit,
+  as version 2), so the host named in version 1 runs in that window. A run longer than a window, or clocks skewed
   across a window boundary, can let two hosts overlap: safe (above), only wasted.
 
 A run starts when rows appended through this store since the last run reach
@@ -34,6 +35,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,16 +142,28 @@ class WindowMaintenanceLock:
         self._db = db
         self._window_s = window_s
         self._clock = clock
-        self._schema = pa.schema([pa.field("window", pa.int64())])
+        self._schema = pa.schema([pa.field("window", pa.int64()), pa.field("claimant", pa.string())])
         self._won: Optional[int] = None
 
     def acquire(self) -> bool:
         window = int(self._clock() // self._window_s)
         if self._won == window:
             return True  # a second run in a window we already hold
+        import pyarrow as pa
+
+        claimant = uuid.uuid4().hex
+        marker = pa.table({"window": [window], "claimant": [claimant]}, schema=self._schema)
         try:
-            self._db.create_table(f"{LEASE_TABLE_PREFIX}{window}", schema=self._schema, exist_ok=False)
-        except ValueError:  # "already exists": another host won this window
+            table = self._db.create_table(f"{LEASE_TABLE_PREFIX}{window}", data=marker, exist_ok=False)
+            # create_table is not exclusive by itself: a create that loses the race for version 1
+            # is retried by Lance as an overwrite (version 2). Version 1 is written with a
+            # conditional put, so exactly one host's claimant is in it: that host won.
+            table.checkout(1)
+            won = table.to_arrow().column("claimant").to_pylist() == [claimant]
+        except Exception as exc:  # "already exists", a commit conflict or a store error: not ours
+            log.debug("maintenance window %s not claimed: %r", window, exc)
+            return False
+        if not won:
             return False
         self._won = window
         self._drop_old(window)

@@ -30,13 +30,45 @@ def storage_options(endpoint: str, **extra: str) -> dict[str, str]:
             "aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY, **extra}
 
 
+_conditional_writes_atomic = threading.Lock()
+_CONDITIONS = ("If-None-Match", "If-Match")
+
+
+def _make_conditional_writes_atomic() -> None:
+    """Make moto's conditional PUTs atomic, as S3's are.
+
+    moto 5 checks ``If-None-Match: *`` and then stores the object in two steps,
+    with nothing held between them, on a threaded server: two concurrent creates
+    of one key can both succeed. Lance commits a table version with exactly that
+    create (and our object-store maintenance lock relies on it), so under CPU load
+    two hosts could both "win" a commit on the test server, which real S3 never
+    allows. Serialising conditional writes (and only those) restores S3's rule.
+    """
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response, "_iai_atomic_conditions", False):
+        return
+    for name in ("put_object", "_key_response_post"):
+        plain = getattr(S3Response, name)
+
+        def serialised(self, *args, _plain=plain, **kwargs):
+            if any(self.headers.get(h) for h in _CONDITIONS):
+                with _conditional_writes_atomic:
+                    return _plain(self, *args, **kwargs)
+            return _plain(self, *args, **kwargs)
+
+        setattr(S3Response, name, serialised)
+    S3Response._iai_atomic_conditions = True
+
+
 class S3Server:
-    """moto's standalone server on a free 127.0.0.1 port, with one bucket."""
+    """moto's standalone server on a free 127.0.0.1 port, with one bucket (conditional writes made atomic)."""
 
     def __init__(self, bucket: str = "iai-queue-test"):
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        _make_conditional_writes_atomic()
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
