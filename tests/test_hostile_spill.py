@@ -234,6 +234,91 @@ def test_item15_erofs_on_claim_is_counted_retried_and_replays_later(store, recor
         stop_quietly(q, 2)
 
 
+def _spill_files_of_20(store, records, spill_dir):
+    """A started queue (store down) with 20 entries over 4 records spilled into at least 3 files."""
+    fail = FailWhile(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_queue_size=2, max_batch_pairs=4, spill_file_pairs=4,
+                             **FAST).start()
+    ledger = Ledger()
+    for k in range(20):
+        pairs = [(records[k % 4].id, {"t": "e", "n": k})]
+        q.enqueue(pairs)
+        ledger.accept(pairs)
+    wait_for(lambda: q.stats().spill_buffered == 0 and len(pending_spill_files(spill_dir)) >= 3, 10,
+             what="spill files")
+    return q, fail, ledger, sorted(pending_spill_files(spill_dir))
+
+
+@pytest.mark.timeout(60)
+def test_a_file_that_cannot_be_claimed_holds_back_the_younger_files(store, records, spill_dir, monkeypatch):
+    q, fail, ledger, files = _spill_files_of_20(store, records, spill_dir)
+    oldest = files[0]
+    refused = []
+    real_rename = os.rename
+
+    def rename(src, dst, *a, **kw):  # the oldest file's claim fails three times (EIO), the others work
+        if os.path.basename(str(src)) == oldest and str(dst).endswith(".claimed") and len(refused) < 3:
+            refused.append(oldest)
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real_rename(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    try:
+        fail.failing.clear()
+        wait_for(lambda: not pending_spill_files(spill_dir), 15, what="every file replayed")
+        assert q.flush(FLUSH_S) is True
+        assert len(refused) == 3
+        assert q.stats().spill_errors >= 3
+        assert_verdict(judge(store, [r.id for r in records[:4]], ledger))
+    finally:
+        fail.failing.clear()
+        stop_quietly(q, 2)
+
+
+@pytest.mark.timeout(60)
+def test_a_file_unreadable_again_and_again_is_set_aside_and_the_rest_replays(store, records, spill_dir,
+                                                                               monkeypatch, _isolated_home):
+    from iai_queue.writebehind import replay
+    from iai_queue.writebehind.replay import UNREADABLE_SET_ASIDE_AFTER
+
+    q, fail, ledger, files = _spill_files_of_20(store, records, spill_dir)
+    stem = files[0].split(".")[0]
+    real_parse = replay.parse_file
+    reads = []
+
+    def parse_file(path, original_stem):
+        if original_stem == stem:
+            reads.append(path.name)
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_parse(path, original_stem)
+
+    monkeypatch.setattr(replay, "parse_file", parse_file)
+    try:
+        fail.failing.clear()
+        wait_for(lambda: not pending_spill_files(spill_dir), 20, what="the unreadable file set aside, the rest replayed")
+        assert q.flush(FLUSH_S) is True
+        assert len(reads) == UNREADABLE_SET_ASIDE_AFTER
+        (aside,) = failed_files(spill_dir)
+        assert aside.name.startswith(stem + ".failed-")
+        assert "unreadable 5 times in a row" in aside.with_suffix(".reason").read_text()
+        assert q.stats().quarantined_files == 1
+        held_back = {json.loads(line)["entry"]["n"] for line in aside.read_text().splitlines()}
+        assert held_back and len(held_back) <= 4
+        v = judge(store, [r.id for r in records[:4]], ledger)
+        assert (v.lost, v.doubled, v.duplicate_rows, v.unexpected) == (len(held_back), 0, 0, 0), v
+
+        monkeypatch.setattr(replay, "parse_file", real_parse)  # the disk is readable again: the operator requeues
+        r = run_cli("spill", "requeue", "--dir", str(spill_dir), "--force", aside.name, env_home=_isolated_home)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: not pending_spill_files(spill_dir), 15, what="the requeued file replayed")
+        assert q.flush(FLUSH_S) is True
+        v = judge(store, [r.id for r in records[:4]], ledger)
+        assert (v.landed, v.lost, v.doubled, v.duplicate_rows, v.unexpected) == (20, 0, 0, 0, 0), v
+    finally:
+        fail.failing.clear()
+        stop_quietly(q, 2)
+
+
 # -- item 16: the spill directory removed while the queue runs ----------------------------------------------
 
 @pytest.mark.timeout(60)

@@ -228,3 +228,38 @@ def test_a_dead_writers_journal_and_spill_files_land_in_seq_order(store, ids, tm
     assert sorted(n for lst in got.values() for _, n in lst) == list(range(1, 121))
     assert store.provenance_rows() == 120
     assert not list(spill_dir.glob("*.failed-*"))
+
+
+# -- a segment that cannot be read now holds back the younger ones ------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_segment_that_cannot_be_read_holds_back_younger_segments(store, ids, tmp_path, monkeypatch):
+    import errno
+
+    from iai_queue.writebehind import journal_replay
+
+    spill_dir = tmp_path / "spill"
+    write_journal_elsewhere(store, spill_dir, ids, list(range(1, 31)), land=[], checkpoint=0)   # older writer
+    write_journal_elsewhere(store, spill_dir, ids, list(range(31, 61)), land=[], checkpoint=0)  # younger writer
+    older, younger = journals(spill_dir)
+    real_read = journal_replay.read_segment_bytes
+    refused = []
+
+    def read_segment_bytes(path):
+        if path.name == older and len(refused) < 2:
+            refused.append(path.name)
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(journal_replay, "read_segment_bytes", read_segment_bytes)
+    replayer = JournalReplayer.for_store(store, spill_dir, retry_max_s=0.2)  # a failed segment waits 0.2 s
+    assert replayer.replay_all(StopSignal()) == 1  # tried the older one only; it failed
+    assert journals(spill_dir) == [older, younger] and store.provenance_rows() == 0, "the younger one overtook"
+    assert replayer.ledger.n["spill_errors"] == 1
+    wait_until(lambda: replayer.replay_all(StopSignal()) == 0 and not journals(spill_dir), 30, "both replayed")
+    assert len(refused) == 2
+    assert store.provenance_rows() == 60
+    for rid, lst in entries(store, ids).items():
+        ns = [n for _, n in lst]
+        assert ns == sorted(ns), f"{rid}: order broken: {ns}"

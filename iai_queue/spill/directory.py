@@ -38,7 +38,7 @@ from .codec import BadLine
 from .durable import ensure_private_dir, fsync_dir, write_all
 from .housekeeping import recover_tmp_files, remove_stale_writer_locks, writer_alive
 from .locks import lock_fd, locks_available, try_flock, unlock
-from .quarantine_files import quarantine_bytes, quarantine_lines
+from .quarantine_files import quarantine_bytes, quarantine_lines, quarantine_whole
 from .stores import record_store_location
 from .names import (REPLAY_LOCK, file_name, file_stem, is_pending_name, is_tmp_name, new_writer_name, parse_name,
                     stem_of, store_tag, writer_lock_name)
@@ -296,6 +296,10 @@ class SpillDirectory:
         """Set bad lines aside as ``<stem>.failed-<unix_ts>.jsonl`` plus a ``.reason`` file (see
         :mod:`.quarantine_files`). ``whole``: move that file there as it is (nothing in it was good)."""
         return quarantine_lines(self.path, stem, bad, whole)
+
+    def set_aside(self, stem: str, src: Path, reason: str, suffix: str) -> Path:
+        """Move ``src`` aside unread, as ``<stem>.failed-<unix_ts><suffix>`` plus a ``.reason`` file."""
+        return quarantine_whole(self.path, stem, src, reason, suffix)
 
     def quarantine_bytes(self, stem: str, data: bytes, reasons: str, suffix: str = ".wal") -> Path:
         """Set raw bytes aside, byte for byte, as ``<stem>.failed-<unix_ts><suffix>`` plus a ``.reason`` file."""

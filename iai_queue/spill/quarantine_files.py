@@ -19,7 +19,16 @@ from typing import Iterable, Optional
 from .codec import BadLine
 from .durable import atomic_write, ensure_private_dir, fsync_dir
 
-__all__ = ["quarantine_lines", "quarantine_bytes"]
+__all__ = ["quarantine_lines", "quarantine_bytes", "quarantine_whole"]
+
+
+def _free_target(path: Path, stem: str, suffix: str) -> Path:
+    """``<stem>.failed-<unix_ts><suffix>`` that no quarantine file has yet (the directory made if need be)."""
+    ensure_private_dir(path)
+    ts = int(time.time())
+    while (path / f"{stem}.failed-{ts}{suffix}").exists():
+        ts += 1
+    return path / f"{stem}.failed-{ts}{suffix}"
 
 
 def quarantine_lines(path: Path, stem: str, bad: Iterable[BadLine], whole: Optional[Path] = None) -> Path:
@@ -28,11 +37,7 @@ def quarantine_lines(path: Path, stem: str, bad: Iterable[BadLine], whole: Optio
     ``whole``: move that file there as it is (nothing in it was good).
     """
     bad = list(bad)
-    ensure_private_dir(path)  # a poison pair may come before any spill
-    ts = int(time.time())
-    while (path / f"{stem}.failed-{ts}.jsonl").exists():
-        ts += 1
-    target = path / f"{stem}.failed-{ts}.jsonl"
+    target = _free_target(path, stem, ".jsonl")  # a poison pair may come before any spill
     # Numbered as in the quarantine file (as ``iai-queue spill inspect`` numbers it), with the
     # line's number in the file it came from.
     reasons = "".join(
@@ -48,13 +53,18 @@ def quarantine_lines(path: Path, stem: str, bad: Iterable[BadLine], whole: Optio
     return target
 
 
+def quarantine_whole(path: Path, stem: str, src: Path, reason: str, suffix: str) -> Path:
+    """Move ``src`` aside, unread, as ``<stem>.failed-<unix_ts><suffix>`` plus a ``.reason`` file."""
+    target = _free_target(path, stem, suffix)
+    atomic_write(target.with_suffix(".reason"), f"file: {reason}\n".encode())
+    os.rename(src, target)
+    fsync_dir(path)
+    return target
+
+
 def quarantine_bytes(path: Path, stem: str, data: bytes, reasons: str, suffix: str = ".wal") -> Path:
     """Set raw bytes aside, byte for byte, as ``<stem>.failed-<unix_ts><suffix>`` plus a ``.reason`` file."""
-    ensure_private_dir(path)
-    ts = int(time.time())
-    while (path / f"{stem}.failed-{ts}{suffix}").exists():
-        ts += 1
-    target = path / f"{stem}.failed-{ts}{suffix}"
+    target = _free_target(path, stem, suffix)
     atomic_write(target.with_suffix(".reason"), reasons.encode())
     atomic_write(target, data)
     fsync_dir(path)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Callable, Optional
 
 from ..events import RateLimiter, emit
@@ -52,7 +51,8 @@ from .delivery import Batch, Delivery
 from .journal_merge import CommitBuffer, Replayed, SpillMerges, decode_suffix
 from .ledger import Ledger
 from .lifecycle import StopSignal
-from .replay import StandaloneParts
+from .file_retries import FileRetries
+from .replay import UNREADABLE_SET_ASIDE_AFTER, StandaloneParts
 
 __all__ = ["JournalReplayer", "JournalsFirst", "memory_mode_replay"]
 
@@ -74,12 +74,11 @@ class JournalReplayer:
         self.delivery = delivery
         self.warn = warn
         self.batch_pairs = batch_pairs
-        self.retry_unreadable_s = retry_unreadable_s
         self.live_names = live_names
         self.own_prefix = own_prefix
         # The store's range lookup of entry ids (MemoryStore.stored_entry_ids_between); None: verify per batch.
         self.stored_between = stored_between
-        self._skip_until: dict[str, float] = {}
+        self.retries = FileRetries(retry_unreadable_s)
         self._merges = SpillMerges(directory)  # dead writers' spill files, merged into their journals by seq
         self.oldest_orphan_mtime: Optional[float] = None
 
@@ -100,9 +99,8 @@ class JournalReplayer:
         alive: dict[str, bool] = {}
         out = []
         oldest = None
-        now = time.monotonic()
         for n in directory.regular_names():
-            if not is_journal_name(n) or n in live or self._skip_until.get(n, 0.0) > now:
+            if not is_journal_name(n) or n in live:
                 continue
             parts = parse_name(stem_of(n))
             if parts is None or parts.store != directory.store:
@@ -121,7 +119,7 @@ class JournalReplayer:
             except OSError:
                 pass
         self.oldest_orphan_mtime = oldest
-        return out
+        return self.retries.ready(out)
 
     def replay_some(self, stop: StopSignal) -> bool:
         """Replay the oldest orphan segment. True when it did (or set one aside)."""
@@ -151,11 +149,26 @@ class JournalReplayer:
                 done += 1
         return done
 
-    def _failed(self, name: str, exc: OSError) -> None:
+    def _failed(self, name: str, exc: OSError) -> int:
+        """Logged, counted; the segment (and every younger one) tried again later. Returns its failures in a row."""
         with self.lock:
             self.ledger.count(spill_errors=1)
         self.warn.emit(log, logging.WARNING, "journal.replay_failed", key=name, file=name, error=str(exc))
-        self._skip_until[name] = time.monotonic() + self.retry_unreadable_s
+        return self.retries.failed(name)
+
+    def _set_aside(self, path, stem: str, exc: OSError) -> None:
+        """A segment unreadable ``UNREADABLE_SET_ASIDE_AFTER`` times in a row goes to quarantine as it is, so
+        that younger segments move on."""
+        reason = f"unreadable {UNREADABLE_SET_ASIDE_AFTER} times in a row, set aside: {exc}"
+        try:
+            target = self.directory.set_aside(stem, path, reason, suffix=".wal")
+        except OSError as again:
+            self._failed(path.name, again)
+            return
+        self.retries.done(path.name)
+        with self.lock:
+            self.ledger.count(quarantined_files=1)
+        self.warn.emit(log, logging.ERROR, "journal.set_aside", key=path.name, file=target.name, error=str(exc))
 
     def replay_segment(self, name: str, stop: StopSignal) -> None:
         """One segment: deliver (verified), set the damage aside, then delete it. Call under the replay lock.
@@ -170,7 +183,8 @@ class JournalReplayer:
         except FileNotFoundError:
             return
         except OSError as exc:
-            self._failed(name, exc)
+            if self._failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER:
+                self._set_aside(path, stem, exc)
             return
         head = decode_header(data)
         if isinstance(head, str):
@@ -202,6 +216,7 @@ class JournalReplayer:
         except OSError as exc:
             self._failed(name, exc)
             return
+        self.retries.done(name)
         emit(log, logging.INFO, "journal.replay", file=name, records=replayed.records, pairs=replayed.pairs,
              damaged_spans=len(damage))
         if header is not None and not any(is_journal_name(n) and f"-{header.writer}-" in n

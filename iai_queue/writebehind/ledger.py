@@ -19,6 +19,8 @@ import threading
 from array import array
 from typing import Iterable, Iterator
 
+from ..spill.names import stem_of
+
 __all__ = ["COUNTERS", "Ledger", "expand_runs", "seq_runs"]
 
 COUNTERS = ("written", "spilled_files", "spilled_pairs", "replayed", "quarantined_files", "quarantined_lines",
@@ -56,7 +58,7 @@ class Ledger:
         self.accepted_elsewhere = 0  # pairs accepted that never went through memory for the store
         self.last_write_s = 0.0
         self.rows_since_maintain = 0
-        self.own_file_seqs: dict[str, array] = {}  # our spill file -> its enqueue calls, as runs
+        self.own_file_seqs: dict[str, array] = {}  # our spill file's stem -> its enqueue calls, as runs
         self.flush_waiters = 0  # the worker does not linger while someone flushes
 
     def mark_done(self, seqs: Iterable[int]) -> None:
@@ -93,7 +95,11 @@ class Ledger:
 
     def file_written(self, name: str, seqs: array) -> None:
         """A spill file about to appear completes these calls once replayed."""
-        self.own_file_seqs[name] = seqs
+        self.own_file_seqs[stem_of(name)] = seqs
+
+    def file_never_written(self, name: str) -> None:
+        self.own_file_seqs.pop(stem_of(name), None)
 
     def file_replayed(self, name: str) -> None:
-        self.mark_done(expand_runs(self.own_file_seqs.pop(name, ())))
+        """``name`` (pending or claimed) is done with: written, or set aside."""
+        self.mark_done(expand_runs(self.own_file_seqs.pop(stem_of(name), ())))

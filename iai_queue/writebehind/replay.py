@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from pathlib import Path
 from typing import NamedTuple
 
 from ..events import RateLimiter, emit
@@ -25,14 +25,22 @@ from ..pairs import ProvenanceSink
 from ..spill import SpillDirectory, parse_file
 from ..spill.names import is_pending_name, is_tmp_name, is_writer_of_this_process, parse_name, stem_of
 from .delivery import Batch, Delivery
+from .file_retries import FileRetries
 from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
 from .quarantine import Quarantine
 
-__all__ = ["Replayer", "StandaloneParts", "files_waiting"]
+__all__ = ["Replayer", "StandaloneParts", "files_waiting", "UNREADABLE_SET_ASIDE_AFTER"]
 
 log = logging.getLogger("iai_queue.queue")
 
+# A claimed file that cannot be read this many times in a row (an I/O error, a
+# permission) is set aside, so that it does not hold up every younger file forever.
+UNREADABLE_SET_ASIDE_AFTER = 5
+
+
+def _name(file: tuple[str, bool]) -> str:
+    return file[0]
 
 
 class StandaloneParts(NamedTuple):
@@ -70,8 +78,7 @@ class Replayer:
         self.quarantine = quarantine
         self.warn = warn
         self.batch_pairs = batch_pairs
-        self.retry_unreadable_s = retry_unreadable_s
-        self._skip_until: dict[str, float] = {}  # an unreadable file -> monotonic time to try it again
+        self.retries = FileRetries(retry_unreadable_s)
 
     @classmethod
     def for_store(cls, store: ProvenanceSink, spill_dir, *, batch_pairs: int = 8192, retry_initial_s: float = 0.05,
@@ -93,10 +100,10 @@ class Replayer:
         being written then stays claimed, for a verified replay later.
         """
         directory = self.directory
-        now = time.monotonic()
-        files = [f for f in directory.replayable() if self._skip_until.get(f[0], 0.0) <= now]
+        listed = directory.replayable()
+        files = self.retries.ready(listed, _name)
         if not files:
-            return self._recover_lone_tmp_files()
+            return not listed and self._recover_lone_tmp_files()
         if files[0][1] and not own_under_lock:
             self._replay_files(self._oldest_run(files), stop)
             return True
@@ -104,7 +111,7 @@ class Replayer:
             if not held:
                 return False
             if directory.recover_tmp_files():
-                files = directory.replayable()
+                files = self.retries.ready(directory.replayable(), _name)
             if not files:
                 return True  # the picture changed under us: look again
             if own_under_lock:
@@ -116,12 +123,13 @@ class Replayer:
             directory.remove_stale_writer_locks()
             return True
 
-    def _failed(self, name: str, exc: OSError) -> None:
-        """A filesystem error in replay: logged, counted, the file tried again later — never fatal."""
+    def _failed(self, name: str, exc: OSError) -> int:
+        """A filesystem error in replay: logged, counted, the file (and every younger one) tried again
+        later — never fatal. Returns the file's failures in a row."""
         with self.lock:
             self.ledger.count(spill_errors=1)
         self.warn.emit(log, logging.WARNING, "replay.failed", key=name, file=name, error=str(exc))
-        self._skip_until[name] = time.monotonic() + self.retry_unreadable_s
+        return self.retries.failed(name)
 
     @staticmethod
     def _oldest_run(files: list[tuple[str, bool]]) -> list[str]:
@@ -133,6 +141,21 @@ class Replayer:
                 break
             run.append(name)
         return run
+
+    def _set_aside(self, claimed: Path, stem: str, exc: OSError) -> bool:
+        """A file unreadable ``UNREADABLE_SET_ASIDE_AFTER`` times in a row goes to quarantine as it is, so
+        that the files behind it move on; ``iai-queue spill requeue`` brings it back once it can be read."""
+        reason = f"unreadable {UNREADABLE_SET_ASIDE_AFTER} times in a row, set aside: {exc}"
+        try:
+            target = self.directory.set_aside(stem, claimed, reason, suffix=".jsonl")
+        except OSError as again:
+            self._failed(claimed.name, again)
+            return False
+        self.retries.done(claimed.name)
+        with self.lock:
+            self.ledger.count(quarantined_files=1)
+        self.warn.emit(log, logging.ERROR, "replay.set_aside", key=claimed.name, file=target.name, error=str(exc))
+        return True
 
     def _recover_lone_tmp_files(self) -> bool:
         """A dead writer's tmp file with no spill file beside it: recover it too (under the replay lock)."""
@@ -155,15 +178,20 @@ class Replayer:
                 claimed, recovered = self.directory.claim(name)
             except FileNotFoundError:
                 continue  # taken by someone else since we listed it
-            except OSError as exc:  # a read-only or vanishing directory: try again later
+            except OSError as exc:  # a read-only directory: this file, and so the younger ones, later
                 self._failed(name, exc)
-                continue
+                break
             stem = claimed.name.removesuffix(".claimed")
             try:
                 parsed = parse_file(claimed, stem)
             except OSError as exc:
-                self._failed(claimed.name, exc)
+                if self._failed(claimed.name, exc) < UNREADABLE_SET_ASIDE_AFTER or not self._set_aside(claimed, stem, exc):
+                    break
+                with self.lock:
+                    self.ledger.file_replayed(name)  # done with, as quarantined lines are: flush() does not wait
                 continue
+            self.retries.done(name)
+            self.retries.done(claimed.name)
             group.append((name, claimed, stem, recovered, parsed))
             gathered += len(parsed.pairs)
             if gathered >= self.batch_pairs:

@@ -74,7 +74,7 @@ class Spiller:
         except BaseException as exc:
             with self.lock:
                 for name in named:  # the file never appeared
-                    self.ledger.own_file_seqs.pop(name, None)
+                    self.ledger.file_never_written(name)
                 if isinstance(exc, OSError):
                     self.ledger.count(spill_errors=1)
             if not isinstance(exc, OSError):
