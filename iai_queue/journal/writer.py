@@ -44,6 +44,8 @@ from .segment import EXTENT_BYTES, MAPPED, Segment, SegmentFiles, fsync_segments
 __all__ = ["Durability", "JournalFailed", "JournalWriter", "Segment"]
 
 _frame_pack = FRAME.pack
+_frame_pack_into = FRAME.pack_into
+_FRAME_SIZE = FRAME.size
 
 
 class Durability(Enum):
@@ -148,16 +150,26 @@ class JournalWriter:
         if seg is None:
             seg = self._reopen_locked()
         payload = _dumps((seq, items), option=OPTIONS)  # jsoncodec.encode, without its Python frame
-        record = _frame_pack(len(payload), _crc(payload)) + payload
+        n = len(payload)
         offset = seg.size
-        if offset + len(record) > seg.capacity and seg.last_seq:
+        end = offset + _FRAME_SIZE + n
+        if end > seg.capacity and seg.last_seq:
             try:
-                seg = self._roll_locked(len(record))
+                seg = self._roll_locked(_FRAME_SIZE + n)
             except OSError as exc:
                 self._failed_locked(exc)
                 raise
             offset = seg.size
-        self._write_locked(seg, record)
+            end = offset + _FRAME_SIZE + n
+        m = seg.map
+        if m is not None and end <= seg.reserved:
+            # The payload first, then its frame: until the frame is there the record reads as the zero
+            # length that ends a segment, so a kill in between leaves a clean end, not a torn record.
+            m[offset + _FRAME_SIZE:end] = payload
+            _frame_pack_into(m, offset, n, _crc(payload))
+            seg.size = end
+        else:
+            self._write_locked(seg, _frame_pack(n, _crc(payload)) + payload)
         if not seg.first_seq:
             seg.first_seq = seq
         seg.last_seq = seq
