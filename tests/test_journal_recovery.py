@@ -254,12 +254,44 @@ def test_a_segment_that_cannot_be_read_holds_back_younger_segments(store, ids, t
 
     monkeypatch.setattr(journal_replay, "read_segment_bytes", read_segment_bytes)
     replayer = JournalReplayer.for_store(store, spill_dir, retry_max_s=0.2)  # a failed segment waits 0.2 s
-    assert replayer.replay_all(StopSignal()) == 1  # tried the older one only; it failed
+    assert replayer.replay_all(StopSignal()) == 0  # tried the older one only; it failed, so it stopped there
     assert journals(spill_dir) == [older, younger] and store.provenance_rows() == 0, "the younger one overtook"
     assert replayer.ledger.n["spill_errors"] == 1
-    wait_until(lambda: replayer.replay_all(StopSignal()) == 0 and not journals(spill_dir), 30, "both replayed")
+    assert replayer.orphans() == [older, younger] and replayer.ready_orphans() == []  # both wait, in order
+    wait_until(lambda: replayer.replay_all(StopSignal()) >= 0 and not journals(spill_dir), 30, "both replayed")
     assert len(refused) == 2
     assert store.provenance_rows() == 60
     for rid, lst in entries(store, ids).items():
         ns = [n for _, n in lst]
         assert ns == sorted(ns), f"{rid}: order broken: {ns}"
+
+
+@pytest.mark.timeout(120)
+def test_new_calls_wait_behind_a_dead_writers_journal_that_cannot_be_read_yet(store, ids, spill_dir, monkeypatch):
+    import errno
+
+    from iai_queue.writebehind import journal_replay
+
+    write_journal_elsewhere(store, spill_dir, ids, list(range(1, 41)), land=[], checkpoint=0)
+    (segment,) = journals(spill_dir)
+    real_read = journal_replay.read_segment_bytes
+    refused = []
+
+    def read_segment_bytes(path):
+        if path.name == segment and len(refused) < 3:
+            refused.append(path.name)
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(journal_replay, "read_segment_bytes", read_segment_bytes)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, idle_replay_s=0.1, coalesce_ms=5).start()
+    try:
+        wait_until(lambda: refused, 10, "the first read to fail")
+        for n in range(50):  # while the journal waits for its retry: these go behind it, per record
+            q.enqueue([(ids[n % len(ids)], {"c": 1, "n": n})])
+        wait_until(lambda: not journals(spill_dir) and q.flush(1.0), 60, "the journal, then the new calls")
+        assert len(refused) == 3 and q.stats().spill_errors >= 3
+    finally:
+        q.stop(5)
+    check_landed(store, ids, {1: 49}) and None
+    assert sorted(n for lst in entries(store, ids).values() for c, n in lst if c == 0) == list(range(1, 41))

@@ -163,8 +163,7 @@ class JournalWriter:
             end = offset + _FRAME_SIZE + n
         m = seg.map
         if m is not None and end <= seg.reserved:
-            # The payload first, then its frame: until the frame is there the record reads as the zero
-            # length that ends a segment, so a kill in between leaves a clean end, not a torn record.
+            # The payload, then its frame: a kill in between leaves the zero length that ends a segment.
             m[offset + _FRAME_SIZE:end] = payload
             _frame_pack_into(m, offset, n, _crc(payload))
             seg.size = end

@@ -119,33 +119,40 @@ class JournalReplayer:
             except OSError:
                 pass
         self.oldest_orphan_mtime = oldest
-        return self.retries.ready(out)
+        return out
+
+    def ready_orphans(self) -> list[str]:
+        """:meth:`orphans` up to the first that waits for a retry (the younger ones wait behind it)."""
+        return self.retries.ready(self.orphans())
 
     def replay_some(self, stop: StopSignal) -> bool:
         """Replay the oldest orphan segment. True when it did (or set one aside)."""
-        if not self.orphans():
+        if not self.ready_orphans():
             return False
         with self.directory.replay_lock() as held:
             if not held:
                 return False
-            names = self.orphans()  # again, under the lock
+            names = self.ready_orphans()  # again, under the lock
             if names:
                 writer = _writer_of(names[0])
                 if self._merges.files_of(writer):  # merged with its spill files: all of it in this lock hold
                     for name in [n for n in names if _writer_of(n) == writer]:
-                        self.replay_segment(name, stop)
+                        if not self.replay_segment(name, stop):
+                            break  # it stays for a retry: the younger segments wait behind it
                 else:
                     self.replay_segment(names[0], stop)
             return True
 
     def replay_all(self, stop: StopSignal) -> int:
-        """Every orphan segment (for the CLI). Returns how many segments were replayed."""
+        """Every orphan segment (for the CLI), up to the first that must wait for a retry. Returns how many
+        segments were replayed or set aside."""
         done = 0
         with self.directory.replay_lock() as held:
             if not held:
                 return 0
-            while names := self.orphans():
-                self.replay_segment(names[0], stop)
+            while names := self.ready_orphans():
+                if not self.replay_segment(names[0], stop):
+                    break
                 done += 1
         return done
 
@@ -156,7 +163,7 @@ class JournalReplayer:
         self.warn.emit(log, logging.WARNING, "journal.replay_failed", key=name, file=name, error=str(exc))
         return self.retries.failed(name)
 
-    def _set_aside(self, path, stem: str, exc: OSError) -> None:
+    def _set_aside(self, path, stem: str, exc: OSError) -> bool:
         """A segment unreadable ``UNREADABLE_SET_ASIDE_AFTER`` times in a row goes to quarantine as it is, so
         that younger segments move on."""
         reason = f"unreadable {UNREADABLE_SET_ASIDE_AFTER} times in a row, set aside: {exc}"
@@ -164,14 +171,16 @@ class JournalReplayer:
             target = self.directory.set_aside(stem, path, reason, suffix=".wal")
         except OSError as again:
             self._failed(path.name, again)
-            return
+            return False
         self.retries.done(path.name)
         with self.lock:
             self.ledger.count(quarantined_files=1)
         self.warn.emit(log, logging.ERROR, "journal.set_aside", key=path.name, file=target.name, error=str(exc))
+        return True
 
-    def replay_segment(self, name: str, stop: StopSignal) -> None:
+    def replay_segment(self, name: str, stop: StopSignal) -> bool:
         """One segment: deliver (verified), set the damage aside, then delete it. Call under the replay lock.
+        True when it is done with (or gone); False when it stays for a retry (a filesystem error, logged).
 
         Raises GiveUp/Abandoned as :meth:`Delivery.deliver` does; the segment then stays, for a later replay.
         """
@@ -181,11 +190,9 @@ class JournalReplayer:
         try:
             data = read_segment_bytes(path)
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
-            if self._failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER:
-                self._set_aside(path, stem, exc)
-            return
+            return self._failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER and self._set_aside(path, stem, exc)
         head = decode_header(data)
         if isinstance(head, str):
             header, damage, replayed = None, [Damage(0, len(data), head)], Replayed()
@@ -195,7 +202,7 @@ class JournalReplayer:
                 replayed, damage = self._deliver_records(data, pos, header, stop)
             except _Skip as exc:
                 self._failed(name, exc.args[0])
-                return
+                return False
         if damage:
             reasons = "".join(f"bytes {d.offset}..{d.end} ({d.end - d.offset} bytes) of {name}: {d.reason}\n"
                               for d in damage)
@@ -203,7 +210,7 @@ class JournalReplayer:
                 target = directory.quarantine_bytes(stem, b"".join(data[d.offset:d.end] for d in damage), reasons)
             except OSError as exc:
                 self._failed(name, exc)  # the segment stays: replayed again (verified) later
-                return
+                return False
             with self.lock:
                 self.ledger.count(quarantined_files=1, quarantined_lines=len(damage))
             self.warn.emit(log, logging.ERROR, "journal.damaged", key=name, file=target.name,
@@ -215,7 +222,7 @@ class JournalReplayer:
             pass
         except OSError as exc:
             self._failed(name, exc)
-            return
+            return False
         self.retries.done(name)
         emit(log, logging.INFO, "journal.replay", file=name, records=replayed.records, pairs=replayed.pairs,
              damaged_spans=len(damage))
@@ -226,6 +233,7 @@ class JournalReplayer:
                 self._merges.finish(merge, CommitBuffer(self._commit, header.prefix, stop, Replayed(), verify=True),
                                     self._failed)
             remove_checkpoint(directory.path, header.writer)
+        return True
 
     def _deliver_records(self, data: bytes, pos: int, header: JournalHeader,
                          stop: StopSignal) -> tuple[Replayed, list[Damage]]:
@@ -323,4 +331,7 @@ class JournalsFirst:
         self.spill_files = spill_files
 
     def replay_some(self, stop: StopSignal) -> bool:
-        return self.journals.replay_some(stop) or self.spill_files.replay_some(stop)
+        if self.journals.replay_some(stop):
+            return True
+        waiting = self.journals.orphans()  # e.g. one waiting for a retry: younger spill files wait behind it
+        return self.spill_files.replay_some(stop, before=stem_of(waiting[0]) if waiting else None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from ..events import RateLimiter, emit
 from ..pairs import ProvenanceSink
@@ -88,8 +88,10 @@ class Replayer:
         return cls(p.lock, p.ledger, p.directory, p.delivery, p.quarantine, p.warn, batch_pairs=batch_pairs,
                    retry_unreadable_s=retry_max_s)
 
-    def replay_some(self, stop: StopSignal, own_under_lock: bool = False) -> bool:
+    def replay_some(self, stop: StopSignal, own_under_lock: bool = False, before: Optional[str] = None) -> bool:
         """Replay the oldest files this process may claim. True when it replayed (or quarantined) any.
+
+        ``before``: only files whose stem sorts before it (older files on disk that must land first).
 
         ``own_under_lock``: replay our own files under the replay lock too, like
         orphans — for a stopped queue, whose files every other replayer of the
@@ -100,10 +102,10 @@ class Replayer:
         being written then stays claimed, for a verified replay later.
         """
         directory = self.directory
-        listed = directory.replayable()
+        listed = self._older(directory.replayable(), before)
         files = self.retries.ready(listed, _name)
         if not files:
-            return not listed and self._recover_lone_tmp_files()
+            return not listed and before is None and self._recover_lone_tmp_files()
         if files[0][1] and not own_under_lock:
             self._replay_files(self._oldest_run(files), stop)
             return True
@@ -111,7 +113,7 @@ class Replayer:
             if not held:
                 return False
             if directory.recover_tmp_files():
-                files = self.retries.ready(directory.replayable(), _name)
+                files = self.retries.ready(self._older(directory.replayable(), before), _name)
             if not files:
                 return True  # the picture changed under us: look again
             if own_under_lock:
@@ -122,6 +124,12 @@ class Replayer:
                 self._replay_files(self._oldest_run(files), stop)
             directory.remove_stale_writer_locks()
             return True
+
+    @staticmethod
+    def _older(files: list[tuple[str, bool]], before: Optional[str]) -> list[tuple[str, bool]]:
+        if before is None:
+            return files
+        return [f for f in files if stem_of(f[0]) < before]
 
     def _failed(self, name: str, exc: OSError) -> int:
         """A filesystem error in replay: logged, counted, the file (and every younger one) tried again
