@@ -265,3 +265,45 @@ def test_a_chunk_that_waited_for_spill_room_keeps_its_place_when_memory_was_refi
         served += [(e["who"], e["n"]) for c in adm.spill_buffer for _, e in c[1]]  # ... then what is behind it
     mine = [n for who, n in served if who == "me"]
     assert mine == [0, 1], served
+
+
+@pytest.mark.timeout(30)
+def test_the_worker_does_not_replay_its_own_file_past_a_call_that_reached_memory_after_it_looked(
+        store, records, spill_dir, monkeypatch):
+    """The worker found memory empty and went to replay its spill files; before it listed them, a call
+    reached memory and the caller's next call overflowed into a new spill file (the GIL can keep the
+    worker waiting that long under load). Replaying that file then would put the later call first
+    (entries 7598-7599 landing after 7610 in a soak under load). Forced here by running both calls from
+    within the worker's listing of the directory."""
+    from iai_queue.spill import SpillDirectory
+
+    rid = records[0].id
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_queue_size=1, spill_file_pairs=1, **FAST)
+    real_replayable = SpillDirectory.replayable
+    armed, fired = threading.Event(), threading.Event()
+
+    def replayable(self):
+        if armed.is_set() and threading.current_thread().name == "iai_queue-worker":
+            armed.clear()
+            before = set(real_replayable(self))
+            q.enqueue([(rid, {"n": 1})])  # memory: the worker is here, so it stays there
+            q.enqueue([(rid, {"n": 2})])  # memory is full: behind the spill, into a file
+            deadline = threading.Event()
+            for _ in range(500):
+                if set(real_replayable(self)) - before:
+                    break
+                deadline.wait(0.01)
+            fired.set()
+        return real_replayable(self)
+
+    monkeypatch.setattr(SpillDirectory, "replayable", replayable)
+    q.start()
+    try:
+        armed.set()
+        assert fired.wait(10), "the worker never listed the spill directory"
+        assert q.flush(10)
+        assert q.stats().spilled_files == 1 and q.stats().replayed == 1  # the later call went through a file
+        assert _order(store, rid) == [1, 2]
+        assert store.provenance_rows() == 2
+    finally:
+        q.stop(2)

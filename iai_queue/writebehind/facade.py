@@ -111,8 +111,8 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         backoff = self._backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         quarantine = Quarantine(lock, ledger, spill, warn)
         delivery = self._delivery = Delivery(lock, ledger, self._write_to_store, backoff, warn, quarantine.pairs)
-        replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn,
-                            batch_pairs=cfg.replay_batch_pairs, retry_unreadable_s=cfg.idle_replay_s)
+        replayer = Replayer(lock, ledger, spill, delivery, quarantine, warn, batch_pairs=cfg.replay_batch_pairs,
+                            retry_unreadable_s=cfg.idle_replay_s, memory_empty=lambda: not adm.pending)
         self._journal: Optional[JournaledAdmission] = None
         journal_idle = None
         if cfg.durability.journaled:  # write-ahead mode (journaling.py); memory mode never gets here

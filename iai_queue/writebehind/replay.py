@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from ..events import RateLimiter, emit
 from ..pairs import ProvenanceSink
@@ -70,7 +70,8 @@ class StandaloneParts(NamedTuple):
 
 class Replayer:
     def __init__(self, lock: threading.Lock, ledger: Ledger, directory: SpillDirectory, delivery: Delivery,
-                 quarantine: Quarantine, warn: RateLimiter, *, batch_pairs: int, retry_unreadable_s: float):
+                 quarantine: Quarantine, warn: RateLimiter, *, batch_pairs: int, retry_unreadable_s: float,
+                 memory_empty: Callable[[], bool] = lambda: True):
         self.lock = lock
         self.ledger = ledger
         self.directory = directory
@@ -79,6 +80,7 @@ class Replayer:
         self.warn = warn
         self.batch_pairs = batch_pairs
         self.retries = FileRetries(retry_unreadable_s)
+        self.memory_empty = memory_empty  # the queue's memory holds no call (its own files may be newer)
 
     @classmethod
     def for_store(cls, store: ProvenanceSink, spill_dir, *, batch_pairs: int = 8192, retry_initial_s: float = 0.05,
@@ -107,7 +109,10 @@ class Replayer:
         if not files:
             return not listed and before is None and self._recover_lone_tmp_files()
         if files[0][1] and not own_under_lock:
-            self._replay_files(self._oldest_run(files), stop)
+            # Asked again now that the files are listed: a call may have reached memory since the caller
+            # found it empty, and a file listed since then may hold later calls of the same records.
+            if self.memory_empty():
+                self._replay_files(self._oldest_run(files), stop)
             return True
         with directory.replay_lock() as held:
             if not held:
