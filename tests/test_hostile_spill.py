@@ -279,7 +279,7 @@ def test_a_file_that_cannot_be_claimed_holds_back_the_younger_files(store, recor
 def test_a_file_unreadable_again_and_again_is_set_aside_and_the_rest_replays(store, records, spill_dir,
                                                                                monkeypatch, _isolated_home):
     from iai_queue.writebehind import replay
-    from iai_queue.writebehind.replay import UNREADABLE_SET_ASIDE_AFTER
+    from iai_queue.writebehind.file_retries import UNREADABLE_SET_ASIDE_AFTER
 
     q, fail, ledger, files = _spill_files_of_20(store, records, spill_dir)
     stem = files[0].split(".")[0]

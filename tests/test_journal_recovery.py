@@ -233,26 +233,32 @@ def test_a_dead_writers_journal_and_spill_files_land_in_seq_order(store, ids, tm
 # -- a segment that cannot be read now holds back the younger ones ------------------------------------------
 
 
-@pytest.mark.timeout(120)
-def test_a_segment_that_cannot_be_read_holds_back_younger_segments(store, ids, tmp_path, monkeypatch):
+def refuse_reads(monkeypatch, segment: str, times: int) -> list:
+    """Replay's reads of ``segment`` fail (EIO) ``times`` times, then work; returns the list of refusals."""
     import errno
 
     from iai_queue.writebehind import journal_replay
 
-    spill_dir = tmp_path / "spill"
-    write_journal_elsewhere(store, spill_dir, ids, list(range(1, 31)), land=[], checkpoint=0)   # older writer
-    write_journal_elsewhere(store, spill_dir, ids, list(range(31, 61)), land=[], checkpoint=0)  # younger writer
-    older, younger = journals(spill_dir)
     real_read = journal_replay.read_segment_bytes
-    refused = []
+    refused: list = []
 
     def read_segment_bytes(path):
-        if path.name == older and len(refused) < 2:
+        if path.name == segment and len(refused) < times:
             refused.append(path.name)
             raise OSError(errno.EIO, "Input/output error", str(path))
         return real_read(path)
 
     monkeypatch.setattr(journal_replay, "read_segment_bytes", read_segment_bytes)
+    return refused
+
+
+@pytest.mark.timeout(120)
+def test_a_segment_that_cannot_be_read_holds_back_younger_segments(store, ids, tmp_path, monkeypatch):
+    spill_dir = tmp_path / "spill"
+    write_journal_elsewhere(store, spill_dir, ids, list(range(1, 31)), land=[], checkpoint=0)   # older writer
+    write_journal_elsewhere(store, spill_dir, ids, list(range(31, 61)), land=[], checkpoint=0)  # younger writer
+    older, younger = journals(spill_dir)
+    refused = refuse_reads(monkeypatch, older, times=2)
     replayer = JournalReplayer.for_store(store, spill_dir, retry_max_s=0.2)  # a failed segment waits 0.2 s
     assert replayer.replay_all(StopSignal()) == 0  # tried the older one only; it failed, so it stopped there
     assert journals(spill_dir) == [older, younger] and store.provenance_rows() == 0, "the younger one overtook"
@@ -268,22 +274,9 @@ def test_a_segment_that_cannot_be_read_holds_back_younger_segments(store, ids, t
 
 @pytest.mark.timeout(120)
 def test_new_calls_wait_behind_a_dead_writers_journal_that_cannot_be_read_yet(store, ids, spill_dir, monkeypatch):
-    import errno
-
-    from iai_queue.writebehind import journal_replay
-
     write_journal_elsewhere(store, spill_dir, ids, list(range(1, 41)), land=[], checkpoint=0)
     (segment,) = journals(spill_dir)
-    real_read = journal_replay.read_segment_bytes
-    refused = []
-
-    def read_segment_bytes(path):
-        if path.name == segment and len(refused) < 3:
-            refused.append(path.name)
-            raise OSError(errno.EIO, "Input/output error", str(path))
-        return real_read(path)
-
-    monkeypatch.setattr(journal_replay, "read_segment_bytes", read_segment_bytes)
+    refused = refuse_reads(monkeypatch, segment, times=3)
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, idle_replay_s=0.1, coalesce_ms=5).start()
     try:
         wait_until(lambda: refused, 10, "the first read to fail")
@@ -293,5 +286,5 @@ def test_new_calls_wait_behind_a_dead_writers_journal_that_cannot_be_read_yet(st
         assert len(refused) == 3 and q.stats().spill_errors >= 3
     finally:
         q.stop(5)
-    check_landed(store, ids, {1: 49}) and None
+    check_landed(store, ids, {1: 49})
     assert sorted(n for lst in entries(store, ids).values() for c, n in lst if c == 0) == list(range(1, 41))

@@ -51,8 +51,8 @@ from .delivery import Batch, Delivery
 from .journal_merge import CommitBuffer, Replayed, SpillMerges, decode_suffix
 from .ledger import Ledger
 from .lifecycle import StopSignal
-from .file_retries import FileRetries
-from .replay import UNREADABLE_SET_ASIDE_AFTER, StandaloneParts
+from .file_retries import UNREADABLE_SET_ASIDE_AFTER, FileRetries
+from .replay import StandaloneParts
 
 __all__ = ["JournalReplayer", "JournalsFirst", "memory_mode_replay"]
 
@@ -78,7 +78,7 @@ class JournalReplayer:
         self.own_prefix = own_prefix
         # The store's range lookup of entry ids (MemoryStore.stored_entry_ids_between); None: verify per batch.
         self.stored_between = stored_between
-        self.retries = FileRetries(retry_unreadable_s)
+        self.retries = FileRetries(retry_unreadable_s, lock, ledger, warn, "journal.replay_failed", "journal.set_aside")
         self._merges = SpillMerges(directory)  # dead writers' spill files, merged into their journals by seq
         self.oldest_orphan_mtime: Optional[float] = None
 
@@ -156,27 +156,11 @@ class JournalReplayer:
                 done += 1
         return done
 
-    def _failed(self, name: str, exc: OSError) -> int:
-        """Logged, counted; the segment (and every younger one) tried again later. Returns its failures in a row."""
-        with self.lock:
-            self.ledger.count(spill_errors=1)
-        self.warn.emit(log, logging.WARNING, "journal.replay_failed", key=name, file=name, error=str(exc))
-        return self.retries.failed(name)
+    def _failed(self, name: str, exc: OSError) -> int:  # also handed to the spill merges
+        return self.retries.failed(name, exc)
 
-    def _set_aside(self, path, stem: str, exc: OSError) -> bool:
-        """A segment unreadable ``UNREADABLE_SET_ASIDE_AFTER`` times in a row goes to quarantine as it is, so
-        that younger segments move on."""
-        reason = f"unreadable {UNREADABLE_SET_ASIDE_AFTER} times in a row, set aside: {exc}"
-        try:
-            target = self.directory.set_aside(stem, path, reason, suffix=".wal")
-        except OSError as again:
-            self._failed(path.name, again)
-            return False
-        self.retries.done(path.name)
-        with self.lock:
-            self.ledger.count(quarantined_files=1)
-        self.warn.emit(log, logging.ERROR, "journal.set_aside", key=path.name, file=target.name, error=str(exc))
-        return True
+    def _put_aside(self, stem: str, path, reason: str):
+        return self.directory.set_aside(stem, path, reason, suffix=".wal")
 
     def replay_segment(self, name: str, stop: StopSignal) -> bool:
         """One segment: deliver (verified), set the damage aside, then delete it. Call under the replay lock.
@@ -192,7 +176,8 @@ class JournalReplayer:
         except FileNotFoundError:
             return True
         except OSError as exc:
-            return self._failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER and self._set_aside(path, stem, exc)
+            return self._failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER \
+                and self.retries.set_aside(path, stem, exc, self._put_aside)
         head = decode_header(data)
         if isinstance(head, str):
             header, damage, replayed = None, [Damage(0, len(data), head)], Replayed()

@@ -25,18 +25,14 @@ from ..pairs import ProvenanceSink
 from ..spill import SpillDirectory, parse_file
 from ..spill.names import is_pending_name, is_tmp_name, is_writer_of_this_process, parse_name, stem_of
 from .delivery import Batch, Delivery
-from .file_retries import FileRetries
+from .file_retries import UNREADABLE_SET_ASIDE_AFTER, FileRetries
 from .ledger import Ledger
 from .lifecycle import Backoff, StopSignal
 from .quarantine import Quarantine
 
-__all__ = ["Replayer", "StandaloneParts", "files_waiting", "UNREADABLE_SET_ASIDE_AFTER"]
+__all__ = ["Replayer", "StandaloneParts", "files_waiting"]
 
 log = logging.getLogger("iai_queue.queue")
-
-# A claimed file that cannot be read this many times in a row (an I/O error, a
-# permission) is set aside, so that it does not hold up every younger file forever.
-UNREADABLE_SET_ASIDE_AFTER = 5
 
 
 def _name(file: tuple[str, bool]) -> str:
@@ -79,7 +75,7 @@ class Replayer:
         self.quarantine = quarantine
         self.warn = warn
         self.batch_pairs = batch_pairs
-        self.retries = FileRetries(retry_unreadable_s)
+        self.retries = FileRetries(retry_unreadable_s, lock, ledger, warn, "replay.failed", "replay.set_aside")
         self.memory_empty = memory_empty  # the queue's memory holds no call (its own files may be newer)
 
     @classmethod
@@ -136,14 +132,6 @@ class Replayer:
             return files
         return [f for f in files if stem_of(f[0]) < before]
 
-    def _failed(self, name: str, exc: OSError) -> int:
-        """A filesystem error in replay: logged, counted, the file (and every younger one) tried again
-        later — never fatal. Returns the file's failures in a row."""
-        with self.lock:
-            self.ledger.count(spill_errors=1)
-        self.warn.emit(log, logging.WARNING, "replay.failed", key=name, file=name, error=str(exc))
-        return self.retries.failed(name)
-
     @staticmethod
     def _oldest_run(files: list[tuple[str, bool]]) -> list[str]:
         """The oldest files of one kind (ours, or orphans under the lock), in order."""
@@ -155,20 +143,8 @@ class Replayer:
             run.append(name)
         return run
 
-    def _set_aside(self, claimed: Path, stem: str, exc: OSError) -> bool:
-        """A file unreadable ``UNREADABLE_SET_ASIDE_AFTER`` times in a row goes to quarantine as it is, so
-        that the files behind it move on; ``iai-queue spill requeue`` brings it back once it can be read."""
-        reason = f"unreadable {UNREADABLE_SET_ASIDE_AFTER} times in a row, set aside: {exc}"
-        try:
-            target = self.directory.set_aside(stem, claimed, reason, suffix=".jsonl")
-        except OSError as again:
-            self._failed(claimed.name, again)
-            return False
-        self.retries.done(claimed.name)
-        with self.lock:
-            self.ledger.count(quarantined_files=1)
-        self.warn.emit(log, logging.ERROR, "replay.set_aside", key=claimed.name, file=target.name, error=str(exc))
-        return True
+    def _put_aside(self, stem: str, claimed: Path, reason: str) -> Path:
+        return self.directory.set_aside(stem, claimed, reason, suffix=".jsonl")  # `spill requeue` brings it back
 
     def _recover_lone_tmp_files(self) -> bool:
         """A dead writer's tmp file with no spill file beside it: recover it too (under the replay lock)."""
@@ -192,13 +168,14 @@ class Replayer:
             except FileNotFoundError:
                 continue  # taken by someone else since we listed it
             except OSError as exc:  # a read-only directory: this file, and so the younger ones, later
-                self._failed(name, exc)
+                self.retries.failed(name, exc)
                 break
             stem = claimed.name.removesuffix(".claimed")
             try:
                 parsed = parse_file(claimed, stem)
             except OSError as exc:
-                if self._failed(claimed.name, exc) < UNREADABLE_SET_ASIDE_AFTER or not self._set_aside(claimed, stem, exc):
+                if self.retries.failed(claimed.name, exc) < UNREADABLE_SET_ASIDE_AFTER \
+                        or not self.retries.set_aside(claimed, stem, exc, self._put_aside):
                     break
                 with self.lock:
                     self.ledger.file_replayed(name)  # done with, as quarantined lines are: flush() does not wait
@@ -229,7 +206,7 @@ class Replayer:
                 try:
                     self.directory.remove(claimed)
                 except OSError as exc:  # written, but still there: replayed again later, verified
-                    self._failed(claimed.name, exc)
+                    self.retries.failed(claimed.name, exc)
             emit(log, logging.INFO, "replay", file=stem, pairs=len(parsed.pairs), bad_lines=len(parsed.bad),
                  verified=recovered)
             with self.lock:
