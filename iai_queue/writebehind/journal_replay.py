@@ -156,9 +156,6 @@ class JournalReplayer:
                 done += 1
         return done
 
-    def _failed(self, name: str, exc: OSError) -> int:  # also handed to the spill merges
-        return self.retries.failed(name, exc)
-
     def _put_aside(self, stem: str, path, reason: str):
         return self.directory.set_aside(stem, path, reason, suffix=".wal")
 
@@ -176,7 +173,7 @@ class JournalReplayer:
         except FileNotFoundError:
             return True
         except OSError as exc:
-            return self._failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER \
+            return self.retries.failed(name, exc) >= UNREADABLE_SET_ASIDE_AFTER \
                 and self.retries.set_aside(path, stem, exc, self._put_aside)
         head = decode_header(data)
         if isinstance(head, str):
@@ -186,7 +183,7 @@ class JournalReplayer:
             try:
                 replayed, damage = self._deliver_records(data, pos, header, stop)
             except _Skip as exc:
-                self._failed(name, exc.args[0])
+                self.retries.failed(name, exc.args[0])
                 return False
         if damage:
             reasons = "".join(f"bytes {d.offset}..{d.end} ({d.end - d.offset} bytes) of {name}: {d.reason}\n"
@@ -194,7 +191,7 @@ class JournalReplayer:
             try:
                 target = directory.quarantine_bytes(stem, b"".join(data[d.offset:d.end] for d in damage), reasons)
             except OSError as exc:
-                self._failed(name, exc)  # the segment stays: replayed again (verified) later
+                self.retries.failed(name, exc)  # the segment stays: replayed again (verified) later
                 return False
             with self.lock:
                 self.ledger.count(quarantined_files=1, quarantined_lines=len(damage))
@@ -206,7 +203,7 @@ class JournalReplayer:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            self._failed(name, exc)
+            self.retries.failed(name, exc)
             return False
         self.retries.done(name)
         emit(log, logging.INFO, "journal.replay", file=name, records=replayed.records, pairs=replayed.pairs,
@@ -216,7 +213,7 @@ class JournalReplayer:
             merge = self._merges.take(header.writer)
             if merge is not None:  # its last segment: the spill lines after it, then the files go
                 self._merges.finish(merge, CommitBuffer(self._commit, header.prefix, stop, Replayed(), verify=True),
-                                    self._failed)
+                                    self.retries.failed)
             remove_checkpoint(directory.path, header.writer)
         return True
 
@@ -316,7 +313,10 @@ class JournalsFirst:
         self.spill_files = spill_files
 
     def replay_some(self, stop: StopSignal) -> bool:
+        orphans = self.journals.orphans()
+        if not orphans:  # the common case: one listing of the directory
+            return self.spill_files.replay_some(stop)
         if self.journals.replay_some(stop):
             return True
-        waiting = self.journals.orphans()  # e.g. one waiting for a retry: younger spill files wait behind it
-        return self.spill_files.replay_some(stop, before=stem_of(waiting[0]) if waiting else None)
+        # Orphans left (one waiting for a retry, or another process replaying it): younger spill files wait.
+        return self.spill_files.replay_some(stop, before=stem_of(orphans[0]))
