@@ -156,19 +156,22 @@ class Trace:
     def keys_of_pairs(pairs) -> list[tuple[int, int]]:
         return [(e["t"], e["n"]) for _, e in pairs if isinstance(e, dict) and "t" in e]
 
-    def store_write(self, pairs, write):
-        """Run ``write()`` (the store call for ``pairs``), recording it."""
-        keys = self.keys_of_pairs(pairs)
-        where = f"{self.path()} verify={int(bool(getattr(pairs, 'verify', False)))} size={len(pairs)}"
+    def timed(self, keys, what: str, call, done, failed):
+        """Run ``call()``, recording ``<start>-<end> <what> -> <done(result)>`` (or ``failed(exc)``) for ``keys``."""
         start = self.now()
         try:
-            result = write()
+            result = call()
         except BaseException as exc:
-            self.add(keys, f"{start:.4f}-{self.now():.4f} store {where} [{threading.current_thread().name}] "
-                           f"-> {type(exc).__name__}: {exc}")
+            self.add(keys, f"{start:.4f}-{self.now():.4f} {what} -> {failed(exc)}")
             raise
-        self.add(keys, f"{start:.4f}-{self.now():.4f} store {where} [{threading.current_thread().name}] -> ok")
+        self.add(keys, f"{start:.4f}-{self.now():.4f} {what} -> {done(result)}")
         return result
+
+    def store_write(self, pairs, write):
+        """Run ``write()`` (the store call for ``pairs``), recording it."""
+        where = f"{self.path()} verify={int(bool(getattr(pairs, 'verify', False)))} size={len(pairs)}"
+        return self.timed(self.keys_of_pairs(pairs), f"store {where} [{threading.current_thread().name}]", write,
+                          done=lambda _: "ok", failed=lambda exc: f"{type(exc).__name__}: {exc}")
 
     def install_spill_hook(self) -> None:
         real = SpillDirectory.write
@@ -182,17 +185,11 @@ class Trace:
                     keys.append((e["t"], e["n"]))
                 except (ValueError, KeyError, TypeError):
                     pass
-            where = trace.path()
-            start = trace.now()
-            try:
-                path = real(directory, lines, **kw)
-            except BaseException as exc:
-                trace.add(keys, f"{start:.4f}-{trace.now():.4f} spill {where} [{threading.current_thread().name}] "
-                                f"-> FAILED {exc!r}")
-                raise
-            trace.add(keys, f"{start:.4f}-{trace.now():.4f} spill {where} [{threading.current_thread().name}] "
-                            f"-> {path.name[:19]}..{path.name[-12:]} before_ts={kw.get('before_ts') is not None}")
-            return path
+            return trace.timed(keys, f"spill {trace.path()} [{threading.current_thread().name}]",
+                               lambda: real(directory, lines, **kw),
+                               done=lambda path: f"{path.name[:19]}..{path.name[-12:]} "
+                                                 f"before_ts={kw.get('before_ts') is not None}",
+                               failed=lambda exc: f"FAILED {exc!r}")
 
         SpillDirectory.write = write
 
@@ -203,16 +200,9 @@ class Trace:
 
         def write_behind(route, chunk, state):
             pairs, _, _ = chunk_parts(chunk, route.ids)
-            keys = trace.keys_of_pairs(pairs)
-            start = trace.now()
-            try:
-                real_behind(route, chunk, state)
-            except BaseException as exc:
-                trace.add(keys, f"{start:.4f}-{trace.now():.4f} closed-route {trace._queue_label(route)} {state.name} "
-                                f"successor={route.successor is not None} -> {exc!r}")
-                raise
-            trace.add(keys, f"{start:.4f}-{trace.now():.4f} closed-route {trace._queue_label(route)} {state.name} "
-                            f"successor={route.successor is not None} -> returned")
+            trace.timed(trace.keys_of_pairs(pairs), f"closed-route {trace._queue_label(route)} {state.name} "
+                        f"successor={route.successor is not None}", lambda: real_behind(route, chunk, state),
+                        done=lambda _: "returned", failed=repr)
 
         ClosedRoute._write_behind = write_behind
 

@@ -114,3 +114,12 @@ def s3_options(s3_server) -> dict:
 @pytest.fixture
 def s3_store(s3_uri, s3_options) -> MemoryStore:
     return MemoryStore(s3_uri, dim=DIM, storage_options=s3_options)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 256 KiB tmpfs (the test skips where mounting is not allowed): a disk that fills up."""
+    from _loss_helpers import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "256k") as mnt:
+        yield mnt

@@ -15,13 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from iai_queue import MemoryStore, ProvenanceWriteQueue
+from iai_queue import ProvenanceWriteQueue
 from iai_queue.journal import Durability, JournalWriter, scan_segment
 from iai_queue.journal.format import MAGIC
 from iai_queue.spill import SpillDirectory, status
@@ -270,17 +269,6 @@ def test_exit_and_sigterm_return_fast_and_lose_nothing(store, ids, spill_dir, ho
 
 
 # -- disk full / read-only -----------------------------------------------------------------------
-
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if rc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {rc.stderr.decode()[:200]}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
 
 def _fill(mnt: Path, leave: int) -> Path:
     filler = mnt / "filler"

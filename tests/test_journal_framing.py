@@ -68,6 +68,16 @@ def append(w: JournalWriter, n: int, ids, start: int = 0, pad: str = "") -> list
     return offsets
 
 
+def dead_segment(spill_dir: Path, store, ids, n: int) -> tuple[Path, list[int], bytearray]:
+    """``n`` records in one segment of a writer that then died: its path, the records' bounds (the
+    last is where the data ends) and its bytes, to damage."""
+    w = live_writer(spill_dir, store, segment_bytes=64 << 10)
+    bounds = append(w, n, ids) + [w.current.size]
+    path = w.current.path
+    die(w)
+    return path, bounds, bytearray(path.read_bytes())
+
+
 def ns(scan) -> list[int]:
     return [r.items[0][1]["n"] for r in scan.records]
 
@@ -131,11 +141,7 @@ def test_torn_record_in_a_zero_filled_segment_at_every_byte_of_the_last_records(
 
 
 def test_a_zero_length_followed_by_data_is_damage_not_the_end(store, ids, tmp_path):
-    w = live_writer(tmp_path / "z", store, segment_bytes=64 << 10)
-    bounds = append(w, 10, ids) + [w.current.size]
-    path = w.current.path
-    die(w)
-    data = bytearray(path.read_bytes())
+    path, bounds, data = dead_segment(tmp_path / "z", store, ids, 10)
     data[bounds[4]:bounds[4] + 4] = bytes(4)  # record 4's length flipped to 0 (by the disk, say)
     scan = scan_segment(path, bytes(data))
     assert ns(scan) == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # the records after it are not hidden
@@ -144,11 +150,7 @@ def test_a_zero_length_followed_by_data_is_damage_not_the_end(store, ids, tmp_pa
 
 
 def test_garbage_after_a_torn_record_is_set_aside_with_it(store, ids, tmp_path):
-    w = live_writer(tmp_path / "g", store, segment_bytes=64 << 10)
-    bounds = append(w, 5, ids) + [w.current.size]
-    path = w.current.path
-    die(w)
-    data = bytearray(path.read_bytes())
+    path, bounds, data = dead_segment(tmp_path / "g", store, ids, 5)
     end = bounds[-1]
     data[end:end + 8] = FRAME.pack(40, 0)  # a frame whose record never came
     data[end + 200] = 7  # and a stray byte past its claimed end
@@ -302,17 +304,6 @@ def test_sigkill_in_the_middle_of_mapped_appends_keeps_every_acked_record(store,
 
 
 # -- a full disk while reserving ------------------------------------------------------------------
-
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if rc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {rc.stderr.decode()[:200]}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
 
 def test_full_disk_shows_as_enospc_when_reserving_never_as_sigbus(store, ids, small_fs):
     w = live_writer(small_fs / "spill", store, segment_bytes=1 << 20, extent_bytes=32 << 10)
