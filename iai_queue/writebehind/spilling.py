@@ -140,9 +140,15 @@ class SpillThread:
                     raise
                 with self.lock:
                     adm.spill_failing = not ok
-                    if not ok:
+                    late = not ok and adm.state is Lifecycle.STOPPED  # stop() has taken the buffer already
+                    if not ok and not late:
                         adm.spill_failed_locked(chunks, count)
+                    elif late:
+                        adm.spilled_locked(count)
                     adm.spill_room.notify_all()
+                if late:  # a write stop() gave up waiting for: not back into a buffer nobody empties
+                    self.spiller.spill_or_drop(chunks)
+                    return
                 if ok:
                     attempt = 0
                     adm.worker_wake.set()  # the worker may replay it when idle

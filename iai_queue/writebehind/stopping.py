@@ -5,8 +5,10 @@ Guarantee 7 (lifecycle), the stopping half: ``stop()`` closes the route first
 drain), gives the worker until the deadline to write what memory holds, then
 abandons it — a worker still stuck in the store does nothing more — and spills
 what is left: the batch in flight and the memory buffers named *before* this
-queue's existing files (late spills keep their order), then the spill buffer.
-In write-ahead mode journaled calls stay in the journal and only the others
+queue's existing files (late spills keep their order), then the spill buffer —
+in one step with marking the queue stopped, after the spill thread's file in
+progress, and under the closed route's lock, so a closed-route write never sees
+the queue stopped before the file it must go behind is on disk. In write-ahead mode journaled calls stay in the journal and only the others
 are spilled. It returns True when everything accepted was written; a second
 ``stop()`` waits for a running one and returns its answer.
 """
@@ -34,6 +36,8 @@ from .threads import RunThreads
 __all__ = ["StopSequence"]
 
 log = logging.getLogger("iai_queue.queue")
+
+SPILL_IN_FLIGHT_WAIT_S = 5.0  # a spill thread still writing a file at the last step: waited for this long
 
 
 class StopSequence:
@@ -98,14 +102,20 @@ class StopSequence:
             if self.threads.journal is not None:
                 self.threads.journal.join(1.0)
             own_files = self.journal.close(self.done_seq()) or own_files
-        with self.lock:
-            # One step: enqueues waiting on the closed route go on once the rest is ours.
-            rest = adm.take_spill_buffer_locked()
-            adm.set_locked(state=Lifecycle.STOPPED)
-            self.closed.left_on_disk = own_files or bool(older) or bool(rest)
-            ledger.done_advanced.notify_all()
-        if rest:  # the spill thread did not get to them (or never ran)
-            self.spiller.spill_or_drop(rest)
+        # The last step holds the closed route's lock: a caller waiting there goes on once what is
+        # spilled here is on disk, so its synchronous write sees that file and goes behind it.
+        with self.closed.lock:
+            with self.lock:
+                if not adm.spill_room.wait_for(lambda: adm.spill_in_flight == 0, SPILL_IN_FLIGHT_WAIT_S):
+                    emit(log, logging.WARNING, "stop.spill_stuck", dir=str(self.directory.path),
+                         pairs=adm.spill_in_flight, reason="the spill thread's file write has not returned; "
+                         "if it fails, that thread spills its pairs again itself")
+                rest = adm.take_spill_buffer_locked()
+                adm.set_locked(state=Lifecycle.STOPPED)
+                self.closed.left_on_disk = own_files or bool(older) or bool(rest)
+                ledger.done_advanced.notify_all()
+            if rest:  # the spill thread did not get to them (or had gone)
+                self.spiller.spill_or_drop(rest)
         with self.lock:
             done = ledger.all_done()
         self.directory.release()
