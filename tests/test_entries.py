@@ -461,3 +461,30 @@ def test_item10_unknown_records_in_a_replay_counted_as_skipped(store, records, s
         assert events(caplog, "skip.unknown_record")
     finally:
         stop_quietly(q)
+
+
+@pytest.mark.timeout(10)
+def test_codec_plain_first_gives_the_bytes_of_the_full_options():
+    """encode() tries plain orjson first (faster) and falls back to the codec's options: the bytes must
+    be those of the options every time, for entries that need them and entries that do not."""
+    import orjson
+
+    from iai_queue.jsoncodec import OPTIONS, encode, encode_entries
+
+    class Key(str):
+        pass
+
+    values = [
+        {"cue": "x", "n": 1, "f": 0.1, "ok": True, "none": None, "l": [1, "a", {"b": 2}]},
+        {1: "int key", 2.5: "float key", True: "bool key", None: "none key"},
+        {Key("sub"): 1, "plain": 2},
+        {"np_float": np.float64(0.1), "np_int": np.int64(7), "arr": np.arange(3), "b": np.bool_(True)},
+        {"when": datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc), "day": date(2026, 1, 2), "id": uuid4()},
+        {"nan": float("nan"), "inf": float("inf"), "t": (1, 2)},
+        (5, ((uuid4(), {"n": 1}),)),  # a journal record
+    ]
+    for v in values:
+        assert encode(v) == orjson.dumps(v, option=OPTIONS), v
+    assert encode_entries(values) == [orjson.dumps(v, option=OPTIONS) for v in values]
+    with pytest.raises(TypeError):
+        encode({"s": {1, 2}})

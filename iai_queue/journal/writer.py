@@ -149,7 +149,10 @@ class JournalWriter:
         seg = self.current
         if seg is None:
             seg = self._reopen_locked()
-        payload = _dumps((seq, items), option=OPTIONS)  # jsoncodec.encode, without its Python frame
+        try:  # jsoncodec.encode, without its Python frame
+            payload = _dumps((seq, items))
+        except TypeError:
+            payload = _dumps((seq, items), option=OPTIONS)
         n = len(payload)
         offset = seg.size
         end = offset + _FRAME_SIZE + n
