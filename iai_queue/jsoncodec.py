@@ -8,6 +8,11 @@ Encoding (orjson; the same bytes whichever path an entry took):
 - dict keys that are ``int``/``float``/``bool``/``None`` as strings (as ``json.dumps`` does);
 - ``NaN`` and ``±Infinity`` as ``null`` (as JavaScript's ``JSON.stringify`` does: standard JSON has no NaN).
 
+An :class:`EncodedEntry` — one entry's JSON exactly as this codec wrote it,
+read back from a journal by recovery — is stored as it is and embedded as it is
+in spill and quarantine lines (no decode to a dict and encode again). Only
+recovery makes them; an entry a caller hands over is always a dict.
+
 Anything else — a ``set``, ``bytes``, an object of another class, a circular
 dict, nesting deeper than 254 levels — cannot be stored. That is decided by the
 entry, never by the store's health: the queue quarantines such an entry at
@@ -20,7 +25,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["UnencodableEntries", "decode", "encode", "encode_entries"]
+__all__ = ["EncodedEntry", "UnencodableEntries", "decode", "encode", "encode_entries"]
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 # The codec is orjson.dumps(obj, option=OPTIONS). Those options cost about 0.1 µs per
@@ -34,12 +39,24 @@ OPTIONS = _OPTIONS
 decode = orjson.loads  # bytes or str; raises orjson.JSONDecodeError (a ValueError)
 
 
+class EncodedEntry(bytes):
+    """One entry's JSON as this codec wrote it (read back from a journal): stored and embedded as it is."""
+
+    __slots__ = ()
+
+
+def _embed(obj: Any) -> Any:
+    if type(obj) is EncodedEntry:
+        return orjson.Fragment(bytes(obj))
+    raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")  # orjson's own words
+
+
 def encode(obj: Any) -> bytes:
     """Compact JSON bytes; raises TypeError (orjson.JSONEncodeError) for what cannot be encoded."""
     try:
         return orjson.dumps(obj)
     except TypeError:
-        return orjson.dumps(obj, option=_OPTIONS)
+        return orjson.dumps(obj, option=_OPTIONS, default=_embed)
 
 
 class UnencodableEntries(ValueError):
@@ -58,19 +75,20 @@ class UnencodableEntries(ValueError):
 
 def encode_entries(entries: list) -> list[bytes]:
     """Each entry encoded; raises :class:`UnencodableEntries` naming every entry that cannot be."""
-    dumps, options = orjson.dumps, _OPTIONS
+    dumps, options, encoded = orjson.dumps, _OPTIONS, EncodedEntry
+    if not entries or type(entries[0]) is not encoded:
+        try:
+            return [dumps(e) for e in entries]
+        except TypeError:
+            pass
     try:
-        return [dumps(e) for e in entries]
-    except TypeError:
-        pass
-    try:
-        return [dumps(e, option=options) for e in entries]
+        return [e if type(e) is encoded else dumps(e, option=options) for e in entries]
     except TypeError:
         pass
     out, bad = [], {}
     for i, e in enumerate(entries):
         try:
-            out.append(dumps(e, option=options))
+            out.append(e if type(e) is encoded else dumps(e, option=options))
         except TypeError as exc:
             bad[i] = f"entry cannot be written as JSON: {exc}"
     raise UnencodableEntries(bad)

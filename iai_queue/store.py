@@ -100,6 +100,9 @@ class MemoryStore:
     the text to show, :attr:`identity` eight hex digits naming the store.
     """
 
+    # Journal recovery may hand append_provenance_batch entries as their JSON (EncodedEntry), stored as is.
+    takes_encoded_entries = True
+
     def __init__(self, path: str | os.PathLike[str] | None = None, *, dim: int = 384,
                  storage_options: Optional[Mapping[str, str]] = None,
                  maintenance: "MaintenancePolicy | MaintenanceRole | str | None" = None):
@@ -245,7 +248,10 @@ class MemoryStore:
 
         Every write of the store and its queues goes through this method,
         looked up on the store at call time: a wrapper installed on the
-        instance sees them all.
+        instance sees them all. An entry is a dict, except in journal
+        recovery, which hands this store (``takes_encoded_entries``) each entry
+        as its JSON text, an :class:`~iai_queue.jsoncodec.EncodedEntry`
+        (``orjson.loads`` reads it).
 
         Cost: one LanceDB ``add`` per call plus O(1) Python per pair (a cached
         id string and one JSON encode); columns go to Arrow in bulk.

@@ -12,12 +12,25 @@ damaged segment is judged exactly as the reader judges it.
 from __future__ import annotations
 
 import gc
-from typing import Optional
+import operator
+from operator import itemgetter
+from itertools import islice, repeat
+from typing import Annotated, Optional
 
-from ..jsoncodec import decode
+import msgspec
+import numpy as np
+
+from ..jsoncodec import EncodedEntry, decode
 from .format import FRAME
 
-__all__ = ["decode_run", "entry_id_ranges", "first_after", "first_bad", "seq_at"]
+__all__ = ["decode_run", "decode_run_encoded", "entry_id_ranges", "first_after", "first_bad", "seq_at"]
+
+# A run of records, the reader's shape checks done while decoding: [seq, [[record id, entry], ...]] each,
+# the id 36 characters, at least one pair; each entry kept as its JSON text (msgspec.Raw).
+_RecordId = Annotated[str, msgspec.Meta(min_length=36, max_length=36)]
+_Pairs = Annotated[list[tuple[_RecordId, msgspec.Raw]], msgspec.Meta(min_length=1)]
+_RUN = msgspec.json.Decoder(list[tuple[int, _Pairs]])
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 def entry_id_ranges(prefix: str, lo: int, hi: int) -> list[tuple[str, str]]:
@@ -115,3 +128,59 @@ def first_bad(objs: list, last_seq: int) -> int:
                     return k
         last_seq = seq
     return len(objs)
+
+
+_SEPARATOR = np.frombuffer(b",".ljust(FRAME.size), np.uint8)  # where a frame was: a comma, then blanks
+_FRAME_BYTES = np.arange(FRAME.size)
+
+
+def _as_json_array(mv: memoryview, bounds: list[int], i: int, j: int) -> np.ndarray:
+    """Records ``i..j-1`` as one JSON array (a copy): each frame overwritten by ``,`` and blanks, whole-run
+    numpy operations instead of a slice per record."""
+    start, end = bounds[i], bounds[j]
+    out = np.empty(end - start + 1, np.uint8)
+    out[:-1] = np.frombuffer(mv[start:end], np.uint8)
+    frames = np.array(bounds[i:j], np.int64) - start
+    out[(frames[:, None] + _FRAME_BYTES).ravel()] = np.tile(_SEPARATOR, j - i)
+    out[0] = ord("[")
+    out[-1] = ord("]")
+    return out
+
+
+def decode_run_encoded(data, bounds: list[int], i: int, j: int,
+                       last_seq: int) -> Optional[tuple[list[int], list, Optional[list[int]]]]:
+    """Records ``i..j-1`` with their entries left as JSON (:class:`~iai_queue.jsoncodec.EncodedEntry`):
+    ``(seqs, pairs, counts)`` — ``pairs`` flat and in order, ``counts`` each record's number of pairs
+    (None when every record has one) — when every record passes the checks of :func:`first_bad` and each
+    entry is a JSON object; None when any does not (the caller then takes :func:`decode_run` for this
+    run, which finds it). For a store that takes encoded entries: nothing is decoded to a dict and
+    encoded again.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        try:
+            objs = _RUN.decode(_as_json_array(memoryview(data), bounds, i, j))
+        except msgspec.DecodeError:  # not JSON, or not a record's shape (ValidationError is one)
+            return None
+        if not objs:
+            return None
+        # Whole-list operations (map, zip, itemgetter) rather than a Python loop per record.
+        seqs = list(map(_first, objs))
+        if seqs[0] <= last_seq or not all(map(operator.lt, seqs, islice(seqs, 1, None))):
+            return None
+        pairs_of = list(map(_second, objs))
+        counts: Optional[list[int]] = list(map(len, pairs_of))
+        if max(counts) == 1:  # one pair per call: the common case
+            pairs_of = list(map(_first, pairs_of))
+            counts = None
+        else:
+            pairs_of = [pair for pairs in pairs_of for pair in pairs]
+        entries = list(map(EncodedEntry, map(_second, pairs_of)))
+        if not all(map(bytes.startswith, entries, repeat(b"{"))):
+            return None  # an entry that is not a JSON object
+        pairs = list(zip(map(_first, pairs_of), entries))
+        return seqs, pairs, counts
+    finally:
+        if paused:
+            gc.enable()

@@ -119,7 +119,7 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             self._journal, self._journal_replayer, journal_idle = journal_parts(adm, lock, ledger, warn, spill, ids,
                                                                                 delivery, cfg)
             self.enqueue = self._journal.enqueue
-            self._journal_replayer.stored_between = getattr(self._store, "stored_entry_ids_between", None)
+            self._journal_replayer.use_store(self._store)
         else:  # memory mode replays dead writers' journals too (journal_replay.py)
             self._journal_replayer, journal_idle = memory_mode_replay(
                 lock, ledger, spill, delivery, warn, cfg, ids.prefix, self._store,

@@ -25,11 +25,12 @@ Store writes go through the ``commit`` callable the replayer passes in.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import deque
 from typing import Callable, Optional
 
 from ..events import emit
-from ..journal.bulk import decode_run, entry_id_ranges, first_after, first_bad, seq_at
+from ..journal.bulk import decode_run, decode_run_encoded, entry_id_ranges, first_after, first_bad, seq_at
 from ..journal.format import JournalHeader
 from ..journal.reader import Damage, good_frames, scan_records
 from ..spill import SpillDirectory, parse_file
@@ -41,7 +42,7 @@ __all__ = ["COMMIT_BYTES", "COMMIT_PAIRS", "RUN_BYTES", "Commit", "CommitBuffer"
 
 log = logging.getLogger("iai_queue.queue")
 
-COMMIT_PAIRS = 16_384  # pairs per store write in a replay (one LanceDB commit each)
+COMMIT_PAIRS = 65_536  # pairs per store write in a replay (one LanceDB commit each)
 COMMIT_BYTES = 32 << 20  # and at most this many journal bytes' worth (records with many pairs)
 RUN_BYTES = 1 << 20  # journal bytes decoded per call
 
@@ -71,6 +72,7 @@ class CommitBuffer:
         self.stop = stop
         self.out = out
         self.verify = verify
+        self.encoded = False  # the store takes entries as their JSON (EncodedEntry): runs are not decoded to dicts
         self.stored: set = set()
         self.floor = 0  # records at or below this seq are in the store already
         self.merge = merge
@@ -100,18 +102,34 @@ class CommitBuffer:
             else:
                 head = f"{prefix}{seq:x}."
                 eids += [head + str(k) for k in range(len(items))]
+        self._added(len(records), [seq for seq, _ in records] if self.out.own_run else (), size)
+
+    def add_encoded(self, seqs: list[int], pairs: list, counts: Optional[list[int]], size: int) -> None:
+        """Records from :func:`~iai_queue.journal.bulk.decode_run_encoded` (all above ``floor``; no merge):
+        their pairs, entries still JSON, and their entry ids."""
+        prefix = self.prefix
+        self.pairs += pairs
+        if counts is None:
+            self.entry_ids += map((prefix.replace("%", "%%") + "%x.0").__mod__, seqs)  # f"{prefix}{seq:x}.0"
+        else:
+            eids = self.entry_ids
+            for seq, n in zip(seqs, counts):
+                head = f"{prefix}{seq:x}."
+                eids += [head + str(k) for k in range(n)]
+        self._added(len(seqs), seqs if self.out.own_run else (), size)
+
+    def _added(self, n_records: int, seqs, size: int) -> None:
         out = self.out
-        out.records += len(records)
-        if out.own_run:
-            out.seqs += [seq for seq, _ in records]
+        out.records += n_records
+        out.seqs += seqs
         self.bytes += max(0, size)
-        if len(pairs) >= COMMIT_PAIRS or self.bytes >= COMMIT_BYTES:
+        if len(self.pairs) >= COMMIT_PAIRS or self.bytes >= COMMIT_BYTES:
             self.flush()
 
     def flush(self) -> None:
         pairs, eids = self.pairs, self.entry_ids
         self.pairs, self.entry_ids, self.bytes = [], [], 0
-        if self.stored:
+        if self.stored and not self.stored.isdisjoint(eids):
             stored = self.stored
             keep = [k for k, e in enumerate(eids) if e not in stored]
             if len(keep) < len(eids):
@@ -141,11 +159,17 @@ def decode_suffix(data: bytes, pos: int, prefix: str, done_up_to: int, sink: Com
             sink.stored = set().union(*(stored_between(a, b) for a, b in entry_id_ranges(prefix, lo, last)))
     last_seq = (seq_at(data, bounds, first - 1) or 0) if first else 0
     i, n = first, len(bounds) - 1
+    encoded = sink.encoded and not sink.merge
     while i < n:
-        j, size = i, 0
-        while j < n and size < RUN_BYTES:
-            size += bounds[j + 1] - bounds[j]
-            j += 1
+        j = bisect_left(bounds, bounds[i] + RUN_BYTES, i + 1, n)  # the records of about RUN_BYTES from i
+        size = bounds[j] - bounds[i]
+        if encoded:
+            run = decode_run_encoded(data, bounds, i, j, max(last_seq, done_up_to))
+            if run is not None:  # else: damage or records at or below the checkpoint; decoded below
+                last_seq = run[0][-1]
+                sink.add_encoded(*run, size)
+                i = j
+                continue
         objs = decode_run(data, bounds, i, j)
         bad = first_bad(objs, last_seq)
         if bad:

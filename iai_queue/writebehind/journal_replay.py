@@ -66,8 +66,7 @@ class JournalReplayer:
 
     def __init__(self, lock: threading.Lock, ledger: Ledger, directory: SpillDirectory, delivery: Delivery,
                  warn: RateLimiter, *, batch_pairs: int, retry_unreadable_s: float,
-                 live_names: Callable[[], set] = set, own_prefix: Callable[[], Optional[str]] = lambda: None,
-                 stored_between: Optional[Callable[[str, str], set]] = None):
+                 live_names: Callable[[], set] = set, own_prefix: Callable[[], Optional[str]] = lambda: None):
         self.lock = lock
         self.ledger = ledger
         self.directory = directory
@@ -77,7 +76,8 @@ class JournalReplayer:
         self.live_names = live_names
         self.own_prefix = own_prefix
         # The store's range lookup of entry ids (MemoryStore.stored_entry_ids_between); None: verify per batch.
-        self.stored_between = stored_between
+        self.stored_between: Optional[Callable[[str, str], set]] = None
+        self.encoded_entries = False  # the store takes entries as their JSON (see use_store)
         self.retries = FileRetries(retry_unreadable_s, lock, ledger, warn, "journal.replay_failed", "journal.set_aside")
         self._merges = SpillMerges(directory)  # dead writers' spill files, merged into their journals by seq
         self.oldest_orphan_mtime: Optional[float] = None
@@ -88,7 +88,16 @@ class JournalReplayer:
         """A replayer of its own (no queue): for ``iai-queue spill replay``. Its counts are in ``ledger.n``."""
         p = StandaloneParts.for_store(store, spill_dir, retry_initial_s, retry_max_s)
         return cls(p.lock, p.ledger, p.directory, p.delivery, p.warn, batch_pairs=batch_pairs,
-                   retry_unreadable_s=retry_max_s, stored_between=getattr(store, "stored_entry_ids_between", None))
+                   retry_unreadable_s=retry_max_s).use_store(store)
+
+    def use_store(self, store: ProvenanceSink) -> "JournalReplayer":
+        """Take up what ``store`` offers beyond its append (a :class:`~iai_queue.store.MemoryStore` offers
+        both): a range lookup of stored entry ids (``stored_entry_ids_between``: one query per segment
+        instead of one per batch), and ``takes_encoded_entries`` (entries handed over as their JSON, no
+        decode and re-encode)."""
+        self.stored_between = getattr(store, "stored_entry_ids_between", None)
+        self.encoded_entries = getattr(store, "takes_encoded_entries", False) is True
+        return self
 
     def orphans(self) -> list[str]:
         """Orphan segments of our store, oldest first (empty where file locks are unavailable)."""
@@ -239,6 +248,7 @@ class JournalReplayer:
         # With a merge: spill lines may have landed (claimed, or seen), so every batch is verified.
         sink = CommitBuffer(self._commit, header.prefix, stop, out, verify=stored_between is None or merge is not None,
                             merge=merge.items if merge is not None else None)
+        sink.encoded = self.encoded_entries
         try:
             damage = decode_suffix(data, pos, header.prefix, done_up_to, sink, stored_between)
         except BaseException:
@@ -285,8 +295,7 @@ def memory_mode_replay(lock: threading.Lock, ledger: Ledger, directory: SpillDir
     older ones on disk (``held_behind``), the hook waits instead of letting them pass.
     """
     replayer = JournalReplayer(lock, ledger, directory, delivery, warn, batch_pairs=cfg.replay_batch_pairs,
-                               retry_unreadable_s=cfg.idle_replay_s, own_prefix=lambda: prefix,
-                               stored_between=getattr(store, "stored_entry_ids_between", None))
+                               retry_unreadable_s=cfg.idle_replay_s, own_prefix=lambda: prefix).use_store(store)
     wait_s = min(cfg.idle_replay_s, 0.2)
 
     def idle(stop: StopSignal) -> bool:
