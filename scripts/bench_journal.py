@@ -8,9 +8,12 @@ with segments written by ``pwrite`` instead of the shared mapping (``process-pwr
 what the mapping saves); persist-queue's
 file ``Queue.put`` and ``SQLiteAckQueue.put`` on the same entries (``pip install
 -e .[bench]``); orjson vs msgspec for the journal record encode; drain time of a
-backlog in journal vs memory mode; recovery replay of a dead writer's journal
-(entries/s, peak RSS). Each figure is measured ``--repeat`` times; the table
-shows the median and the min–max spread.
+backlog in journal vs memory mode; replay of a journal this process wrote and
+stopped (entries/s, peak RSS) — every batch is verified against the store, as for
+a stopped queue of the same process; a dead writer's journal (the recovery after a
+crash, one range lookup per segment) is ``scripts/bench_journal_recovery.py``.
+Each figure is measured ``--repeat`` times; the table shows the median and the
+min–max spread.
 """
 
 from __future__ import annotations
@@ -208,7 +211,7 @@ def main() -> int:
     print(f"{'drain ' + str(args.drain_calls) + ' process s':34s} {spread(dp)}  "
           f"(journal speed = {statistics.median(dm) / statistics.median(dp):.2f}x memory)")
     rec = runs["recovery"]
-    print(f"{'recovery ' + str(args.recovery) + ' entries/s':34s} {spread([r['entries_per_s'] for r in rec])}  "
+    print(f"{'own-process replay ' + str(args.recovery) + '/s':34s} {spread([r['entries_per_s'] for r in rec])}  "
           f"peak RSS MiB {spread([r['peak_rss_mib'] for r in rec])}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
