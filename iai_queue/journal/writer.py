@@ -95,6 +95,7 @@ class JournalWriter:
         self.synced_seq = 0
         self.synced_at = time.monotonic()
         self.checkpointed = -1
+        self.checkpointed_floor = 0  # the done-watermark retire() last saw: records at or below it need no copy
         self.closed = False
         self.dir_dirty = False  # a segment was created since the last fsync of the directory
         self.remaining_after_close = False
@@ -135,8 +136,6 @@ class JournalWriter:
             into.first_seq = into.first_seq or min(s.first_seq for s in lost)
             into.last_seq = max(into.last_seq, max(s.last_seq for s in lost))
 
-    checkpointed_floor = 0  # the done-watermark last seen by retire(): records at or below it need no copy
-
     # -- the hot path -------------------------------------------------------------------
 
     def append_locked(self, seq: int, items) -> tuple[Segment, int]:
@@ -157,11 +156,7 @@ class JournalWriter:
         offset = seg.size
         end = offset + _FRAME_SIZE + n
         if end > seg.capacity and seg.last_seq:
-            try:
-                seg = self._roll_locked(_FRAME_SIZE + n)
-            except OSError as exc:
-                self._failed_locked(exc)
-                raise
+            seg = self._roll_or_fail_locked(_FRAME_SIZE + n)
             offset = seg.size
             end = offset + _FRAME_SIZE + n
         m = seg.map
@@ -183,13 +178,16 @@ class JournalWriter:
         less than ``retry_s`` ago."""
         if time.monotonic() < self.retry_at or self.closed:
             raise JournalFailed(errno.EAGAIN, f"journal failing: {self.last_error}")
+        seg = self._roll_or_fail_locked()
+        self.failing = False
+        return seg
+
+    def _roll_or_fail_locked(self, need: int = 0) -> Segment:
         try:
-            seg = self._roll_locked()
+            return self._roll_locked(need)
         except OSError as exc:
             self._failed_locked(exc)
             raise
-        self.failing = False
-        return seg
 
     def _write_locked(self, seg: Segment, data: bytes) -> None:
         """``data`` (whole records) after ``seg``'s last record; OSError: nothing of it stays there."""
@@ -222,11 +220,9 @@ class JournalWriter:
             self.current.finish()
             self.current = None
 
-    # -- reading our own segments (the backlog) -----------------------------------------
-
     def read_records(self, seg: Segment, offset: int, end: Optional[int] = None,
                      limit: Optional[int] = None) -> tuple[list[Record], int]:
-        """Whole records of ``seg`` from ``offset`` up to ``end`` (default: its size now), at most ``limit``
+        """(The backlog's reads.) Whole records of ``seg`` from ``offset`` up to ``end`` (default: its size now), at most ``limit``
         of them; and where they end."""
         return seg.read_records(offset, end, limit)
 
