@@ -309,6 +309,37 @@ def test_the_worker_does_not_replay_its_own_file_past_a_call_that_reached_memory
         q.stop(2)
 
 
+def _queue_with_n2_behind_the_spill(store, rid, spill_dir, monkeypatch, fail_n2: bool = False):
+    """A queue (one batch of memory) whose worker is held in the store on n=0 (``gate``), n=1 in memory
+    and n=2 behind the spill. The spill write holding n=2 waits for ``release`` (then fails once if
+    ``fail_n2``); any other spill write opens the gate: the abandoned write of n=0 may land then."""
+    import errno
+
+    from _loss_helpers import ThreadGate
+
+    gate = ThreadGate(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_queue_size=1, spill_file_pairs=1, **FAST).start()
+    real_write = q._spill.write
+    n2_held, release = threading.Event(), threading.Event()
+
+    def write(lines, **kw):
+        if b'"n":2' in b"".join(lines) and not n2_held.is_set():
+            n2_held.set()
+            assert release.wait(20)
+            if fail_n2:
+                raise OSError(errno.EIO, "test: the disk failed the write stop() gave up waiting for")
+        else:
+            gate.open()
+        return real_write(lines, **kw)
+
+    monkeypatch.setattr(q._spill, "write", write)
+    q.enqueue([(rid, {"n": 0})])
+    assert gate.entered.wait(10), "the worker never reached the store"
+    q.enqueue([(rid, {"n": 1})])  # memory
+    q.enqueue([(rid, {"n": 2})])  # memory is full: behind the spill
+    return q, gate, n2_held, release
+
+
 @pytest.mark.timeout(60)
 def test_a_closed_route_write_waits_for_stops_last_spill(store, records, spill_dir, monkeypatch):
     """The item-2 flake's trace: a call waited in the spill buffer when the spill thread had already
@@ -317,42 +348,24 @@ def test_a_closed_route_write_waits_for_stops_last_spill(store, records, spill_d
     entry 162 landed before 160. Forced here: the spill loop does nothing (it has gone), and stop()'s
     spill of that last call is held until the caller has had its chance to overtake it."""
     from iai_queue.writebehind.spilling import SpillThread
-    from _loss_helpers import ThreadGate
 
-    monkeypatch.setattr(SpillThread, "run", lambda self, stop: None)
+    monkeypatch.setattr(SpillThread, "run", lambda self, stop: None)  # n=2 stays in the spill buffer
     rid = records[0].id
-    gate = ThreadGate(store)
-    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_queue_size=1, spill_file_pairs=1, **FAST).start()
-    real_write = q._spill.write
-    last_spill_entered, release_last_spill = threading.Event(), threading.Event()
-
-    def write(lines, **kw):
-        if b'"n":2' in b"".join(lines):
-            last_spill_entered.set()
-            assert release_last_spill.wait(20)
-        else:
-            gate.open()  # the first spill (in flight and memory): the abandoned write may land now
-        return real_write(lines, **kw)
-
-    monkeypatch.setattr(q._spill, "write", write)
+    q, gate, n2_held, release = _queue_with_n2_behind_the_spill(store, rid, spill_dir, monkeypatch)
     try:
-        q.enqueue([(rid, {"n": 0})])
-        assert gate.entered.wait(10), "the worker never reached the store"
-        q.enqueue([(rid, {"n": 1})])  # memory
-        q.enqueue([(rid, {"n": 2})])  # memory is full: the spill buffer, which no thread empties now
         stopper = threading.Thread(target=q.stop, kwargs={"timeout": 0.2})
         stopper.start()
-        assert last_spill_entered.wait(20), "stop() never spilled the last call"
+        assert n2_held.wait(20), "stop() never spilled the last call"
         caller = threading.Thread(target=q.enqueue, args=([(rid, {"n": 3})],))  # the closed route
         caller.start()
         caller.join(1.0)  # the old code wrote n=3 here, ahead of n=2's file
-        release_last_spill.set()
+        release.set()
         stopper.join(20)
         caller.join(20)
         assert not stopper.is_alive() and not caller.is_alive()
     finally:
         gate.open()
-        release_last_spill.set()
+        release.set()
         q.stop(2)
     drain(store, spill_dir)
     assert _order(store, rid) == [0, 1, 2, 3]
@@ -365,44 +378,27 @@ def test_a_spill_write_that_fails_after_stop_gave_up_on_it_is_spilled_again_not_
     """stop() waits a bounded time for the spill thread's file in progress; when that write fails later,
     its pairs must not go back into the buffer of a stopped queue (nobody empties it): the spill
     thread spills them again itself."""
-    import errno
     import logging
 
     from iai_queue.writebehind import stopping
-    from _loss_helpers import ThreadGate
 
     monkeypatch.setattr(stopping, "SPILL_IN_FLIGHT_WAIT_S", 0.2)
     rid = records[0].id
-    gate = ThreadGate(store)
-    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_queue_size=1, spill_file_pairs=1, **FAST).start()
-    real_write = q._spill.write
-    stuck, release = threading.Event(), threading.Event()
-
-    def write(lines, **kw):
-        if b'"n":2' in b"".join(lines) and not stuck.is_set():
-            stuck.set()
-            assert release.wait(20)
-            raise OSError(errno.EIO, "test: the disk failed the write stop() gave up waiting for")
-        return real_write(lines, **kw)
-
-    monkeypatch.setattr(q._spill, "write", write)
-    try:
-        q.enqueue([(rid, {"n": 0})])
-        assert gate.entered.wait(10), "the worker never reached the store"
-        q.enqueue([(rid, {"n": 1})])  # memory
-        with caplog.at_level(logging.WARNING, logger="iai_queue"):
-            q.enqueue([(rid, {"n": 2})])  # behind the spill: the spill thread writes it, and is stuck
-            assert stuck.wait(10), "the spill thread never wrote"
+    with caplog.at_level(logging.WARNING, logger="iai_queue"):
+        q, gate, n2_held, release = _queue_with_n2_behind_the_spill(store, rid, spill_dir, monkeypatch,
+                                                                    fail_n2=True)
+        try:
+            assert n2_held.wait(10), "the spill thread never wrote"
             q.stop(timeout=0.2)
-        assert any(getattr(r, "event", "") == "stop.spill_stuck" for r in caplog.records)
-        release.set()
-        q._threads.spill.join(10)
-        assert not q._threads.spill.is_alive()
-        assert q.stats().dropped == 0
-    finally:
-        release.set()
-        gate.open()
-        q.stop(2)
+            assert any(getattr(r, "event", "") == "stop.spill_stuck" for r in caplog.records)
+            release.set()
+            q._threads.spill.join(10)
+            assert not q._threads.spill.is_alive()
+            assert q.stats().dropped == 0
+        finally:
+            release.set()
+            gate.open()
+            q.stop(2)
     drain(store, spill_dir)
     assert _order(store, rid) == [0, 1, 2]
     assert store.provenance_rows() == 3
