@@ -353,3 +353,20 @@ def test_backlog_refill_decodes_each_record_once(store, ids, spill_dir, gate):
     assert store.provenance_rows() == 600
     got = sorted(e["n"] for rid in ids for e in store.get(rid).provenance)
     assert got == list(range(600))
+
+
+def test_the_frame_checksum_is_zlibs_crc32_whichever_implementation_computes_it():
+    """The format's checksum is zlib's CRC-32; zlib-ng (a dependency) computes it faster. Same values on
+    bytes and on the memoryview slices the reader passes, at every length around the usual record sizes."""
+    import importlib.util
+    import zlib
+
+    from iai_queue.journal.format import crc32
+
+    rnd = random.Random(7)
+    for n in list(range(0, 300)) + [1000, 4095, 4096, 65537]:
+        data = rnd.randbytes(n + 16)
+        assert crc32(data[8:8 + n]) == zlib.crc32(data[8:8 + n]), n
+        assert crc32(memoryview(data)[8:8 + n]) == zlib.crc32(data[8:8 + n]), n
+    if importlib.util.find_spec("zlib_ng") is not None:
+        assert crc32.__module__.startswith("zlib_ng"), crc32.__module__  # the fast one is in use

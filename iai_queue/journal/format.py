@@ -10,8 +10,10 @@ A segment file is::
 and every record is framed as ``[u32 length][u32 crc32(payload)]`` (little
 endian) followed by ``length`` payload bytes — the framing LevelDB and Kafka
 use to tell a complete record from a torn one. The checksum is zlib's CRC-32
-(in the standard library, C speed; CRC-32C would need a dependency for the same
-detection power against torn writes and bit flips).
+(:func:`crc32`): computed by zlib-ng's implementation (the ``zlib-ng``
+package; about 60 ns instead of 200 ns for a 110-byte record, which is a tenth
+of a journaled enqueue), the same function and values as the standard
+library's ``zlib.crc32``, which is used when zlib-ng is not installed.
 
 Versions:
 
@@ -36,14 +38,18 @@ Payloads are encoded with the package's one codec (:mod:`iai_queue.jsoncodec`).
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from ..jsoncodec import decode, encode
 
-__all__ = ["FRAME", "HEADER_MAX", "MAGIC", "RECORD_MAX", "VERSION", "VERSIONS", "JournalHeader", "decode_header",
-           "encode_record", "frame", "magic", "segment_start"]
+try:
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # the same CRC-32, slower on short records
+    from zlib import crc32
+
+__all__ = ["FRAME", "HEADER_MAX", "MAGIC", "RECORD_MAX", "VERSION", "VERSIONS", "JournalHeader", "crc32",
+           "decode_header", "encode_record", "frame", "magic", "segment_start"]
 
 VERSION = 2  # what this library writes
 VERSIONS = (1, 2)  # what it reads
@@ -61,7 +67,7 @@ HEADER_MAX = 4096
 
 
 def frame(payload: bytes) -> bytes:
-    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    return FRAME.pack(len(payload), crc32(payload)) + payload
 
 
 def encode_record(seq: int, items: Any) -> bytes:
@@ -101,7 +107,7 @@ def decode_header(data: bytes) -> tuple[JournalHeader, int] | str:
     if length > HEADER_MAX or len(data) < pos + FRAME.size + length:
         return f"torn segment header: header length {length}, {len(data) - pos - FRAME.size} bytes present"
     payload = data[pos + FRAME.size: pos + FRAME.size + length]
-    if zlib.crc32(payload) != crc:
+    if crc32(payload) != crc:
         return "segment header checksum mismatch"
     try:
         obj = decode(payload)

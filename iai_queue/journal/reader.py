@@ -26,20 +26,19 @@ Nothing here writes or deletes; the caller decides (see the journal replayer).
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 from ..jsoncodec import decode
-from .format import FRAME, RECORD_MAX, VERSION, JournalHeader, decode_header
+from .format import FRAME, RECORD_MAX, VERSION, JournalHeader, crc32, decode_header
 
 __all__ = ["Damage", "Record", "SegmentScan", "data_end", "good_frames", "read_segment_bytes", "scan_records",
            "scan_segment"]
 
 _FRAME = FRAME.size
 _unpack = FRAME.unpack_from
-_crc = zlib.crc32
+_crc = crc32
 
 
 class Record(NamedTuple):  # a tuple: made per record on the drain and recovery paths, so cheap to make

@@ -320,6 +320,6 @@ class JournalWriter:
         return time.monotonic() - self.synced_at
 
 
-from zlib import crc32 as _crc  # noqa: E402  (bound once for the hot path)
+from .format import crc32 as _crc  # noqa: E402  (bound once for the hot path)
 
 from orjson import dumps as _dumps  # noqa: E402
