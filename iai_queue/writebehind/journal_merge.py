@@ -18,6 +18,10 @@ claims and deletes segments, and checkpoints). Guarantees:
   the first record it would reject, and from there
   :func:`~iai_queue.journal.reader.scan_records` decides (its good records
   after the damage are delivered verified); the damaged spans are returned.
+  For a store that takes entries as their JSON (``CommitBuffer.encoded``), a
+  run whose records all pass the same checks goes to it undecoded
+  (:func:`~iai_queue.journal.bulk.decode_run_encoded`); any other run takes
+  the path above.
 
 Store writes go through the ``commit`` callable the replayer passes in.
 """

@@ -137,6 +137,7 @@ class SpillThread:
                 except BaseException:
                     with self.lock:  # a crash: nothing was written, the chunks go back in order
                         adm.spill_failed_locked(chunks, count)
+                        adm.spill_room.notify_all()
                     raise
                 with self.lock:
                     adm.spill_failing = not ok

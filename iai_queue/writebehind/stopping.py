@@ -8,8 +8,8 @@ what is left: the batch in flight and the memory buffers named *before* this
 queue's existing files (late spills keep their order), then the spill buffer —
 in one step with marking the queue stopped, after the spill thread's file in
 progress, and under the closed route's lock, so a closed-route write never sees
-the queue stopped before the file it must go behind is on disk. In write-ahead mode journaled calls stay in the journal and only the others
-are spilled. It returns True when everything accepted was written; a second
+the queue stopped before the file it must go behind is on disk. In write-ahead
+mode journaled calls stay in the journal and only the others are spilled. It returns True when everything accepted was written; a second
 ``stop()`` waits for a running one and returns its answer.
 """
 
@@ -106,14 +106,16 @@ class StopSequence:
         # spilled here is on disk, so its synchronous write sees that file and goes behind it.
         with self.closed.lock:
             with self.lock:
-                if not adm.spill_room.wait_for(lambda: adm.spill_in_flight == 0, SPILL_IN_FLIGHT_WAIT_S):
-                    emit(log, logging.WARNING, "stop.spill_stuck", dir=str(self.directory.path),
-                         pairs=adm.spill_in_flight, reason="the spill thread's file write has not returned; "
-                         "if it fails, that thread spills its pairs again itself")
+                adm.spill_room.wait_for(lambda: adm.spill_in_flight == 0, SPILL_IN_FLIGHT_WAIT_S)
+                stuck = adm.spill_in_flight
                 rest = adm.take_spill_buffer_locked()
                 adm.set_locked(state=Lifecycle.STOPPED)
                 self.closed.left_on_disk = own_files or bool(older) or bool(rest)
                 ledger.done_advanced.notify_all()
+            if stuck:
+                emit(log, logging.WARNING, "stop.spill_stuck", dir=str(self.directory.path), pairs=stuck,
+                     reason="the spill thread's file write has not returned; if it fails, that thread "
+                     "spills its pairs again itself")
             if rest:  # the spill thread did not get to them (or had gone)
                 self.spiller.spill_or_drop(rest)
         with self.lock:
