@@ -40,7 +40,10 @@ decode = orjson.loads  # bytes or str; raises orjson.JSONDecodeError (a ValueErr
 
 
 class EncodedEntry(bytes):
-    """One entry's JSON as this codec wrote it (read back from a journal): stored and embedded as it is."""
+    """One entry's JSON as this codec wrote it (read back from a journal): stored and embedded as it is.
+
+    ``json.loads(e)`` reads it; ``orjson.loads`` takes no ``bytes`` subclass: ``orjson.loads(bytes(e))``.
+    """
 
     __slots__ = ()
 

@@ -250,8 +250,7 @@ class MemoryStore:
         looked up on the store at call time: a wrapper installed on the
         instance sees them all. An entry is a dict, except in journal
         recovery, which hands this store (``takes_encoded_entries``) each entry
-        as its JSON text, an :class:`~iai_queue.jsoncodec.EncodedEntry`
-        (``orjson.loads`` reads it).
+        as its JSON: an :class:`~iai_queue.jsoncodec.EncodedEntry` (``bytes``).
 
         Cost: one LanceDB ``add`` per call plus O(1) Python per pair (a cached
         id string and one JSON encode); columns go to Arrow in bulk.

@@ -9,6 +9,7 @@ Real LanceDB in ``tmp_path``, real segment files.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -123,3 +124,36 @@ def test_an_encoded_entry_is_embedded_as_json_in_spill_and_quarantine_lines():
                                                                    "why": "poison"}
     with pytest.raises(TypeError, match="bytes"):
         encode({"entry": b'{"cue":"x"}'})  # bytes from a caller stay unencodable
+
+
+@pytest.mark.timeout(60)
+def test_a_recovered_entry_the_store_rejects_is_quarantined_whole_and_the_rest_lands(tmp_path):
+    """A poison entry in a replayed journal: the store refuses every batch holding it (a host's wrapper
+    sees each entry as its JSON). It is quarantined with its entry as the JSON object it was; the
+    others land once, in order."""
+    from _proc_helpers import failed_files
+
+    (store, _), ids = _twin_stores(tmp_path)
+    calls = [((ids[0], {"n": k, "poison": k == 5}),) for k in range(12)]
+    spill = tmp_path / "spill"
+    _dead_journal(spill, store, calls)
+    real = store.append_provenance_batch
+    seen = []
+
+    def refuse_poison(pairs, records_cache=None):
+        entries = [json.loads(e) if isinstance(e, bytes) else e for _, e in pairs]  # as the docstring says
+        seen.extend(type(e) for _, e in pairs)
+        if any(e.get("poison") for e in entries):  # (the poison probe's entry has no "poison")
+            raise ValueError("poison pill rejected by the store")
+        return real(pairs, records_cache=records_cache)
+
+    store.append_provenance_batch = refuse_poison
+    JournalReplayer.for_store(store, spill, retry_initial_s=0.001, retry_max_s=0.01).replay_all(StopSignal())
+    assert EncodedEntry in seen
+    from uuid import UUID
+
+    assert [e["n"] for e in store.get(UUID(ids[0])).provenance] == [k for k in range(12) if k != 5]
+    assert store.provenance_rows() == 11
+    (quarantined,) = failed_files(spill)
+    (line,) = [orjson.loads(raw) for raw in quarantined.read_bytes().splitlines() if raw.strip()]
+    assert line["entry"] == {"n": 5, "poison": True}, line
