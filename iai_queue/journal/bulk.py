@@ -6,15 +6,17 @@ these are its fast path for the common case. A caller frames a segment with
 :func:`~iai_queue.journal.reader.good_frames`, decodes runs with
 :func:`decode_run`, finds the first payload the reader would reject with
 :func:`first_bad`, and from there hands the rest to ``scan_records`` — so a
-damaged segment is judged exactly as the reader judges it.
+damaged segment is judged exactly as the reader judges it. For a store that
+takes entries as their JSON, :func:`decode_run_encoded` decodes and checks a
+run in one step and leaves each entry undecoded; a run it refuses goes the
+way above.
 """
 
 from __future__ import annotations
 
 import gc
-import operator
-from operator import itemgetter
 from itertools import islice, repeat
+from operator import itemgetter, lt
 from typing import Annotated, Optional
 
 import msgspec
@@ -167,7 +169,7 @@ def decode_run_encoded(data, bounds: list[int], i: int, j: int,
             return None
         # Whole-list operations (map, zip, itemgetter) rather than a Python loop per record.
         seqs = list(map(_first, objs))
-        if seqs[0] <= last_seq or not all(map(operator.lt, seqs, islice(seqs, 1, None))):
+        if seqs[0] <= last_seq or not all(map(lt, seqs, islice(seqs, 1, None))):
             return None
         pairs_of = list(map(_second, objs))
         counts: Optional[list[int]] = list(map(len, pairs_of))

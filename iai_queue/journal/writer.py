@@ -222,8 +222,8 @@ class JournalWriter:
 
     def read_records(self, seg: Segment, offset: int, end: Optional[int] = None,
                      limit: Optional[int] = None) -> tuple[list[Record], int]:
-        """(The backlog's reads.) Whole records of ``seg`` from ``offset`` up to ``end`` (default: its size now), at most ``limit``
-        of them; and where they end."""
+        """(The backlog's reads.) Whole records of ``seg`` from ``offset`` up to ``end`` (default: its size
+        now), at most ``limit`` of them; and where they end."""
         return seg.read_records(offset, end, limit)
 
     # -- the journal thread: fsync, retire, checkpoint ------------------------------------
