@@ -457,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         or not report["drained"]
     print(f"accepted {report['accepted']}  written {report['written']}  dropped {report['dropped']}  "
           f"duplicated {report['duplicated']}  out-of-order {report['out_of_order']}  "
-          f"(unexpected {report['unexpected']}, refused {report['refused']}"
+          f"(queues' own counts: dropped {report['dropped_by_queues']}, quarantined "
+          f"{report['quarantined_by_queues']}; unexpected {report['unexpected']}, refused {report['refused']}"
           f"{' ' + str(report['refused_by']) if report['refused_by'] else ''}, {report['seconds']} s, "
           f"{report['queues']} queues, {report['restarts']} restarts)")
     if args.json:
