@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from uuid import UUID
 
 import orjson
 import pytest
@@ -71,8 +72,6 @@ def _twin_stores(tmp_path: Path):
 
 
 def _stored(store: MemoryStore, ids: list[str]) -> dict:
-    from uuid import UUID
-
     return {rid: store.get(UUID(rid)).provenance for rid in ids}
 
 
@@ -150,8 +149,6 @@ def test_a_recovered_entry_the_store_rejects_is_quarantined_whole_and_the_rest_l
     store.append_provenance_batch = refuse_poison
     JournalReplayer.for_store(store, spill, retry_initial_s=0.001, retry_max_s=0.01).replay_all(StopSignal())
     assert EncodedEntry in seen
-    from uuid import UUID
-
     assert [e["n"] for e in store.get(UUID(ids[0])).provenance] == [k for k in range(12) if k != 5]
     assert store.provenance_rows() == 11
     (quarantined,) = failed_files(spill)

@@ -87,11 +87,11 @@ class CommitBuffer:
     def add(self, records, size: int) -> None:
         if records and self.floor and records[0][0] <= self.floor:  # seqs increase: only a first run has any
             records = [r for r in records if r[0] > self.floor]
-        pairs, eids, prefix = self.pairs, self.entry_ids, self.prefix
+        pairs, eids = self.pairs, self.entry_ids
         merge = self.merge
         if not merge and all(len(items) == 1 for _, items in records):  # one pair per call: in bulk
             pairs += [items[0] for _, items in records]
-            eids += [f"{prefix}{seq:x}.0" for seq, _ in records]
+            eids += self._one_pair_ids([seq for seq, _ in records])
             records_iter = ()
         else:
             records_iter = records
@@ -101,26 +101,28 @@ class CommitBuffer:
                 pairs.append(pair)
                 eids.append(eid)
             pairs += items
-            if len(items) == 1:
-                eids.append(f"{prefix}{seq:x}.0")
-            else:
-                head = f"{prefix}{seq:x}."
-                eids += [head + str(k) for k in range(len(items))]
+            eids += self._ids(seq, len(items))
         self._added(len(records), [seq for seq, _ in records] if self.out.own_run else (), size)
 
     def add_encoded(self, seqs: list[int], pairs: list, counts: Optional[list[int]], size: int) -> None:
         """Records from :func:`~iai_queue.journal.bulk.decode_run_encoded` (all above ``floor``; no merge):
         their pairs, entries still JSON, and their entry ids."""
-        prefix = self.prefix
         self.pairs += pairs
         if counts is None:
-            self.entry_ids += map((prefix.replace("%", "%%") + "%x.0").__mod__, seqs)  # f"{prefix}{seq:x}.0"
+            self.entry_ids += self._one_pair_ids(seqs)
         else:
-            eids = self.entry_ids
             for seq, n in zip(seqs, counts):
-                head = f"{prefix}{seq:x}."
-                eids += [head + str(k) for k in range(n)]
+                self.entry_ids += self._ids(seq, n)
         self._added(len(seqs), seqs if self.out.own_run else (), size)
+
+    # The entry ids of a call, ``<prefix><seq:x>.<index>`` (iai_queue.pairs.EntryIds): one place here.
+
+    def _one_pair_ids(self, seqs: list[int]) -> list[str]:
+        return list(map((self.prefix.replace("%", "%%") + "%x.0").__mod__, seqs))
+
+    def _ids(self, seq: int, n: int) -> list[str]:
+        head = f"{self.prefix}{seq:x}."
+        return [head + str(k) for k in range(n)]
 
     def _added(self, n_records: int, seqs, size: int) -> None:
         out = self.out

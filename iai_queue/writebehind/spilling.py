@@ -142,10 +142,10 @@ class SpillThread:
                 with self.lock:
                     adm.spill_failing = not ok
                     late = not ok and adm.state is Lifecycle.STOPPED  # stop() has taken the buffer already
-                    if not ok and not late:
-                        adm.spill_failed_locked(chunks, count)
-                    elif late:
+                    if late:
                         adm.spilled_locked(count)
+                    elif not ok:
+                        adm.spill_failed_locked(chunks, count)
                     adm.spill_room.notify_all()
                 if late:  # a write stop() gave up waiting for: not back into a buffer nobody empties
                     self.spiller.spill_or_drop(chunks)

@@ -9,8 +9,9 @@ queue's existing files (late spills keep their order), then the spill buffer —
 in one step with marking the queue stopped, after the spill thread's file in
 progress, and under the closed route's lock, so a closed-route write never sees
 the queue stopped before the file it must go behind is on disk. In write-ahead
-mode journaled calls stay in the journal and only the others are spilled. It returns True when everything accepted was written; a second
-``stop()`` waits for a running one and returns its answer.
+mode journaled calls stay in the journal and only the others are spilled. It
+returns True when everything accepted was written; a second ``stop()`` waits
+for a running one and returns its answer.
 """
 
 from __future__ import annotations
