@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..events import emit
 from ..journal.bulk import decode_run, decode_run_encoded, entry_id_ranges, first_after, first_bad, seq_at
@@ -117,8 +117,8 @@ class CommitBuffer:
 
     # The entry ids of a call, ``<prefix><seq:x>.<index>`` (iai_queue.pairs.EntryIds): one place here.
 
-    def _one_pair_ids(self, seqs: list[int]) -> list[str]:
-        return list(map((self.prefix.replace("%", "%%") + "%x.0").__mod__, seqs))
+    def _one_pair_ids(self, seqs: list[int]) -> Iterator[str]:
+        return map((self.prefix.replace("%", "%%") + "%x.0").__mod__, seqs)
 
     def _ids(self, seq: int, n: int) -> list[str]:
         head = f"{self.prefix}{seq:x}."
