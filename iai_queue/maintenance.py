@@ -19,8 +19,9 @@ which host runs:
   across a window boundary, can let two hosts overlap: safe (above), only wasted.
 
 A run starts when rows appended through this store since the last run reach
-``rows_threshold`` (work done), or when some were appended and none for
-``idle_s`` (idleness), or when :meth:`MaintenanceScheduler.request` asks. The
+``rows_threshold`` or the appends ``appends_threshold`` (work done), or when
+some were appended and none for ``idle_s`` (idleness), or when
+:meth:`MaintenanceScheduler.request` asks. The
 thread is supervised: an error is logged (``maintain.failed``, rate-limited) and
 the run retried after ``poll_s``. The thread lives only while work is waiting
 (rows appended since the last run, or a request): it ends after a run, when the
@@ -66,6 +67,7 @@ class MaintenanceRole(enum.Enum):
 class MaintenancePolicy:
     role: MaintenanceRole = MaintenanceRole.AUTO
     rows_threshold: int = 50_000  # provenance rows appended here since the last run
+    appends_threshold: int = 64   # ... or this many appends (each leaves a fragment get() reads until then)
     idle_s: float = 5.0           # ... or any rows, and no append for this long
     poll_s: float = 1.0           # how often the thread looks
     window_s: float = 30.0        # object stores: one claim per host per window
@@ -73,8 +75,10 @@ class MaintenancePolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.role, MaintenanceRole):
             raise ValueError(f"role must be a MaintenanceRole, got {self.role!r}")
-        if not isinstance(self.rows_threshold, int) or self.rows_threshold <= 0:
-            raise ValueError(f"rows_threshold must be a positive int, got {self.rows_threshold!r}")
+        for name in ("rows_threshold", "appends_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("idle_s", "poll_s", "window_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -210,7 +214,7 @@ class MaintenanceScheduler:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._rows = 0
+        self._rows = self._appends = 0
         self._last_append = 0.0
         self._requested = False
         self._warn = RateLimiter()
@@ -221,8 +225,9 @@ class MaintenanceScheduler:
         """Called after each append: O(1), never blocks on maintenance."""
         with self._mutex:
             self._rows += n
+            self._appends += 1
             self._last_append = time.monotonic()
-            due = self._rows >= self.policy.rows_threshold
+            due = self._rows >= self.policy.rows_threshold or self._appends >= self.policy.appends_threshold
         self._ensure_thread()
         if due:
             self._wake.set()
@@ -261,7 +266,7 @@ class MaintenanceScheduler:
                 return True
             if not self._rows:
                 return False
-            return (self._rows >= self.policy.rows_threshold
+            return (self._rows >= self.policy.rows_threshold or self._appends >= self.policy.appends_threshold
                     or time.monotonic() - self._last_append >= self.policy.idle_s)
 
     def _run(self) -> None:
@@ -288,12 +293,12 @@ class MaintenanceScheduler:
         if not self._lock.acquire():
             with self._mutex:
                 self._elsewhere += 1
-                self._rows = 0  # another host is maintaining the shared tables
+                self._rows = self._appends = 0  # another host is maintaining the shared tables
                 self._requested = False
             return
         try:
             with self._mutex:
-                rows, self._rows = self._rows, 0
+                rows, appends, self._rows, self._appends = self._rows, self._appends, 0, 0
                 self._requested = False
             store = self._store_ref()
             if store is None:
@@ -304,6 +309,7 @@ class MaintenanceScheduler:
             except BaseException:
                 with self._mutex:
                     self._rows += rows  # not done: due again
+                    self._appends += appends
                 raise
             finally:
                 del store

@@ -11,6 +11,7 @@ with backoff. When and where it runs in the background is
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 from typing import Any, Callable, Optional
 
 from lancedb.index import BTree
@@ -41,14 +42,51 @@ def _retry_commit_conflicts(step) -> None:
             time.sleep(0.05 * 2 ** attempt)
 
 
-def maintain_tables(records, provenance) -> None:
-    """Build the scalar indexes lookups use (once a table has rows), then compact both tables."""
+def maintain_tables(records, provenance, cluster_provenance: Callable[[], object]) -> None:
+    """Build the scalar indexes lookups use (once a table has rows), compact the records, cluster the
+    provenance rows by record (:mod:`iai_queue.provenance_clustering`), then bring indexes up to date."""
     for table, column in ((records, "id"), (provenance, "record_id"), (provenance, "entry_id")):
         if not any(idx.columns == [column] for idx in table.list_indices()):
             if table.count_rows():
                 _retry_commit_conflicts(lambda: table.create_index(column, config=BTree(), replace=False))
     _retry_commit_conflicts(records.optimize)
-    _retry_commit_conflicts(provenance.optimize)
+    _retry_commit_conflicts(cluster_provenance)
+    _retry_commit_conflicts(lambda: _index_and_prune(provenance))
+
+
+def _index_and_prune(table) -> None:
+    """What LanceDB's ``optimize()`` does after compacting, without its compaction (that would
+    concatenate the sorted runs and undo the size tiers clustering keeps), and cheaper.
+
+    New rows go into a small delta index segment (tens of ms) instead of a
+    rebuild of the whole index (seconds at 10 M rows); segments are merged once
+    :data:`_MAX_INDEX_SEGMENTS` accumulate. Superseded versions go after
+    :data:`_VERSION_GRACE`: every commit leaves a manifest, and a reader that
+    looks up the latest version lists them all (7 ms per get() at 2 500).
+    """
+    dataset = table.to_lance()
+    segments = max((table.index_stats(idx.name).num_indices for idx in table.list_indices()), default=0)
+    dataset.optimize.optimize_indices(num_indices_to_merge=0 if segments < _MAX_INDEX_SEGMENTS else segments)
+    _prune_versions(table.to_lance())
+
+
+_MAX_INDEX_SEGMENTS = 8
+_VERSION_GRACE = timedelta(seconds=30)
+
+
+def _prune_versions(dataset) -> None:
+    """Remove each version superseded more than :data:`_VERSION_GRACE` ago (and files only it used).
+
+    A version is judged by when its successor was committed, not by its own age:
+    a read that loaded it before then has had the grace to finish. A read that
+    takes longer, on a file a rewrite replaced, fails with not-found; it loses
+    nothing, and the next read sees the new version.
+    """
+    versions = dataset.versions()
+    cutoff = datetime.now(versions[-1]["timestamp"].tzinfo) - _VERSION_GRACE if versions else None
+    old = [v["version"] for v, successor in zip(versions, versions[1:]) if successor["timestamp"] < cutoff]
+    if old:
+        dataset.cleanup_old_versions(versions=old, error_if_tagged_old_versions=False)
 
 
 def make_scheduler(maintenance: "MaintenancePolicy | MaintenanceRole | str | None", location: StoreLocation, db,
