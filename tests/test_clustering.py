@@ -1,0 +1,156 @@
+"""Provenance clustering: the plan, rows kept exactly once under concurrent appends and SIGKILL, version pruning."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from conftest import make_records
+from iai_queue import MemoryStore
+from iai_queue import store_maintenance
+from iai_queue.provenance_clustering import ClusterPolicy, ProvenanceClusterer, _is_sorted, plan_merges
+
+SMALL = ClusterPolicy(base_rows=64, fanout=2, max_run_rows=1024)
+
+
+def test_plan_merges_by_tier():
+    p = ClusterPolicy(base_rows=100, fanout=4, max_run_rows=1000)
+    assert plan_merges([(1, 10, False)], p) == []  # one small fragment: left as it is
+    assert plan_merges([(1, 10, False), (2, 20, True)], p) == [[1, 2]]
+    assert plan_merges([(1, 500, False)], p) == [[1]]  # a large unsorted fragment is sorted alone
+    assert plan_merges([(1, 500, True)], p) == []
+    # tier 1 (100..399): four merge into one, the fifth waits
+    assert plan_merges([(i, 100 + i, True) for i in range(5)], p) == [[0, 1, 2, 3]]
+    # four of tier 2 would exceed max_run_rows: settled
+    assert plan_merges([(i, 400, True) for i in range(4)], p) == []
+    # tier 0 is cut at max_run_rows
+    groups = plan_merges([(i, 90, False) for i in range(25)], p)
+    assert sorted(f for g in groups for f in g) == list(range(25))
+    assert all(len(g) * 90 <= 1000 for g in groups)
+    assert plan_merges([(1, 0, False), (2, 0, False)], p) == []
+
+
+def _rows(store):
+    t = store._provenance.to_arrow()
+    return t.num_rows, pc.count_distinct(t.column("entry_id")).as_py()
+
+
+@pytest.mark.timeout(120)
+def test_clustering_under_concurrent_appends_keeps_every_row_once_and_in_order(tmp_path):
+    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
+    recs = make_records(12, dim=4)
+    store.insert_many(recs)
+    clusterer = ProvenanceClusterer(store._provenance, SMALL)
+    done = threading.Event()
+    written = [0]
+    errors = []
+
+    def writer():
+        rnd = random.Random(5)
+        try:
+            for b in range(80):
+                store.append_provenance_batch([(rnd.choice(recs).id, {"n": written[0] + j}) for j in range(24)])
+                written[0] += 24
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    rewritten = 0
+    while not done.is_set():
+        rewritten += clusterer.run()
+    t.join(30)
+    rewritten += clusterer.run()
+    assert not errors and rewritten > 0
+    assert _rows(store) == (written[0], written[0])  # every row once: none lost, none doubled
+    seen = []
+    for r in recs:
+        ns = [e["n"] for e in store.get(r.id).provenance]
+        assert ns == sorted(ns)  # per-record order kept
+        seen += ns
+    assert sorted(seen) == list(range(written[0]))
+    fragments = store._provenance.to_lance().get_fragments()
+    assert len(fragments) <= 8, len(fragments)  # 80 appends, clustered into a few runs
+    assert sum(_is_sorted(f) for f in fragments) >= len(fragments) - 1  # at most one small raw append left
+
+
+@pytest.mark.timeout(60)
+def test_maintain_prunes_versions_superseded_for_longer_than_the_grace(tmp_path, monkeypatch):
+    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
+    recs = make_records(3, dim=4)
+    store.insert_many(recs)
+    for i in range(20):
+        store.append_provenance_batch([(recs[i % 3].id, {"n": i})])
+    store.maintain()
+    assert len(store._provenance.to_lance().versions()) > 20  # within the grace: kept
+    monkeypatch.setattr(store_maintenance, "_VERSION_GRACE", timedelta(0))
+    store.maintain()
+    assert len(store._provenance.to_lance().versions()) <= 2
+    assert [e["n"] for e in store.get(recs[1].id).provenance] == [1, 4, 7, 10, 13, 16, 19]
+    assert _rows(store) == (20, 20)
+
+
+_CHILD = textwrap.dedent("""
+    import random, sys
+    sys.path.insert(0, {root!r})
+    from iai_queue import MemoryStore
+    from iai_queue.provenance_clustering import ClusterPolicy, ProvenanceClusterer
+    store = MemoryStore({db!r}, dim=4, maintenance="never")
+    ids = {ids!r}
+    clusterer = ProvenanceClusterer(store._provenance, ClusterPolicy(base_rows=64, fanout=2, max_run_rows=4096))
+    rnd, n = random.Random({seed}), {start}
+    while True:
+        store.append_provenance_batch([(rnd.choice(ids), {{"n": n + j}}) for j in range(50)])
+        n += 50
+        print(n, flush=True)
+        clusterer.run()
+""")
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_mid_merge_leaves_every_acknowledged_row_once(tmp_path):
+    db = tmp_path / "db"
+    store = MemoryStore(db, dim=4, maintenance="never")
+    recs = make_records(8, dim=4)
+    store.insert_many(recs)
+    root = str(Path(__file__).resolve().parent.parent)
+    acknowledged = 0
+    rnd = random.Random(11)
+    for kill in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root, db=str(db), ids=[str(r.id) for r in recs],
+                                                                     seed=kill, start=acknowledged)],
+                                stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        lines = 0
+        target = rnd.randint(3, 12)
+        while lines < target and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged = int(line)
+            lines += 1
+        time.sleep(rnd.uniform(0, 0.05))  # a random moment of the merge that follows the print
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read()  # lines printed before the kill landed
+        if rest.split():
+            acknowledged = int(rest.split()[-1])
+        proc.wait(10)
+        assert lines == target, f"child {kill} printed {lines} of {target} lines"
+        rows, distinct = _rows(store)
+        assert distinct == rows and acknowledged <= rows <= acknowledged + 50, (kill, rows, acknowledged)
+        acknowledged = rows
+    store.maintain()
+    assert _rows(store) == (acknowledged, acknowledged)
+    ns = sorted(e["n"] for r in recs for e in store.get(r.id).provenance)
+    assert ns == list(range(acknowledged))
