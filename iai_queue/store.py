@@ -260,7 +260,7 @@ class MemoryStore:
         return self._provenance_ops.append(pairs, records_cache)
 
     def maintain(self) -> None:
-        """Compact both tables and build the scalar indexes lookups use.
+        """Build the scalar indexes lookups use, compact the records, cluster the provenance rows by record.
 
         Runs on the caller's thread; the store's own scheduler (see
         :mod:`iai_queue.maintenance`) calls it in the background by work done and

@@ -1,4 +1,4 @@
-"""What the store's maintenance does (compaction, scalar indexes) and which scheduler runs it.
+"""What the store's maintenance does (indexes, compaction, clustering, pruning) and which scheduler runs it.
 
 Guarantee: :func:`maintain_tables` is safe at any time, also while other
 threads, processes or hosts append; it is never needed for correctness. A
