@@ -638,6 +638,7 @@ def test_toggle_200_times_under_concurrent_recalls(store, records, spill_dir):
 # -- 8. fork ----------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("ignore:lance is not fork-safe")  # this test forks on purpose; the child opens nothing of lance's
 def test_fork_child_starts_empty_and_writes_only_its_own(store, records, spill_dir, gate):
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
     try:
