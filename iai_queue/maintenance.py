@@ -67,7 +67,7 @@ class MaintenanceRole(enum.Enum):
 class MaintenancePolicy:
     role: MaintenanceRole = MaintenanceRole.AUTO
     rows_threshold: int = 50_000  # provenance rows appended here since the last run
-    appends_threshold: int = 64   # ... or this many appends (each leaves a fragment get() reads until then)
+    appends_threshold: int = 32   # ... or this many appends (each leaves a fragment get() reads until then)
     idle_s: float = 5.0           # ... or any rows, and no append for this long
     poll_s: float = 1.0           # how often the thread looks
     window_s: float = 30.0        # object stores: one claim per host per window

@@ -71,7 +71,7 @@ def _index_and_prune(table) -> None:
 
 
 _MAX_INDEX_SEGMENTS = 8
-_VERSION_GRACE = timedelta(seconds=30)
+_VERSION_GRACE = timedelta(seconds=10)
 
 
 def _prune_versions(dataset) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
+from _proc_helpers import wait_for
 from conftest import make_records
 from iai_queue import MemoryStore
 from iai_queue import store_maintenance
@@ -154,3 +155,30 @@ def test_sigkill_mid_merge_leaves_every_acknowledged_row_once(tmp_path):
     assert _rows(store) == (acknowledged, acknowledged)
     ns = sorted(e["n"] for r in recs for e in store.get(r.id).provenance)
     assert ns == list(range(acknowledged))
+
+
+@pytest.mark.timeout(60)
+def test_background_run_starts_after_appends_threshold_appends_and_clusters_them(tmp_path):
+    from iai_queue.maintenance import MaintenancePolicy
+
+    store = MemoryStore(tmp_path / "db", dim=4,
+                        maintenance=MaintenancePolicy(rows_threshold=10**6, appends_threshold=5, idle_s=600, poll_s=0.05))
+    recs = make_records(4, dim=4)
+    store.insert_many(recs)
+    for i in range(4):
+        store.append_provenance_batch([(recs[i].id, {"n": i})])
+    assert store.maintenance_stats().runs == 0  # 4 appends, 4 rows: nothing due
+    store.append_provenance_batch([(recs[0].id, {"n": 4})])
+    wait_for(lambda: store.maintenance_stats().runs >= 1, 30, what="a run after 5 appends")
+    assert store.maintenance_stats().failures == 0
+    assert len(store._provenance.to_lance().get_fragments()) == 1  # five one-row fragments, one run
+    assert [e["n"] for e in store.get(recs[0].id).provenance] == [0, 4]
+    store.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_appends_threshold_must_be_a_positive_int(bad):
+    from iai_queue.maintenance import MaintenancePolicy
+
+    with pytest.raises(ValueError, match="appends_threshold"):
+        MaintenancePolicy(appends_threshold=bad)
