@@ -48,10 +48,19 @@ def maintain_tables(records, provenance, cluster_provenance: Callable[[], object
     for table, column in ((records, "id"), (provenance, "record_id"), (provenance, "entry_id")):
         if not any(idx.columns == [column] for idx in table.list_indices()):
             if table.count_rows():
-                _retry_commit_conflicts(lambda: table.create_index(column, config=BTree(), replace=False))
+                _retry_commit_conflicts(lambda: _create_index(table, column))
     _retry_commit_conflicts(records.optimize)
     _retry_commit_conflicts(cluster_provenance)
     _retry_commit_conflicts(lambda: _index_and_prune(provenance))
+
+
+def _create_index(table, column: str) -> None:
+    try:
+        table.create_index(column, config=BTree(), replace=False)
+    except Exception as exc:
+        if "already exists" in str(exc):
+            return  # another maintainer created it since we looked
+        raise
 
 
 def _index_and_prune(table) -> None:

@@ -182,3 +182,44 @@ def test_appends_threshold_must_be_a_positive_int(bad):
 
     with pytest.raises(ValueError, match="appends_threshold"):
         MaintenancePolicy(appends_threshold=bad)
+
+
+@pytest.mark.timeout(120)
+def test_two_maintainers_overlapping_with_a_writer_lose_and_double_nothing(tmp_path):
+    """What a window lock overlap on object storage (or two designated maintainers) amounts to."""
+    a = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
+    b = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
+    recs = make_records(6, dim=4)
+    a.insert_many(recs)
+    for store in (a, b):
+        store._clusterer = ProvenanceClusterer(store._provenance, SMALL)
+    done = threading.Event()
+    written = [0]
+    failures: list[BaseException] = []
+
+    def writer():
+        try:
+            for i in range(60):
+                a.append_provenance_batch([(recs[(i + j) % 6].id, {"n": written[0] + j}) for j in range(20)])
+                written[0] += 20
+        finally:
+            done.set()
+
+    def maintainer(store):
+        while not done.is_set():
+            try:
+                store.maintain()
+            except Exception as exc:  # a conflict the retries did not absorb: refused whole, by contract
+                failures.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=maintainer, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    a.maintain()
+    assert _rows(a) == (written[0], written[0]), failures[:3]
+    for r in recs:
+        ns = [e["n"] for e in a.get(r.id).provenance]
+        assert ns == sorted(ns) and len(ns) == written[0] // 6
+    assert all("conflict" in str(exc).lower() for exc in failures), failures[:3]
