@@ -50,6 +50,7 @@ def maintain_tables(records, provenance, cluster_provenance: Callable[[], object
             if table.count_rows():
                 _retry_commit_conflicts(lambda: _create_index(table, column))
     _retry_commit_conflicts(records.optimize)
+    _prune_versions(records.to_lance())  # each record lookup lists the manifests too
     _retry_commit_conflicts(cluster_provenance)
     _retry_commit_conflicts(lambda: _index_and_prune(provenance))
 

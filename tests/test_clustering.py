@@ -90,14 +90,17 @@ def test_clustering_under_concurrent_appends_keeps_every_row_once_and_in_order(t
 def test_maintain_prunes_versions_superseded_for_longer_than_the_grace(tmp_path, monkeypatch):
     store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
     recs = make_records(3, dim=4)
-    store.insert_many(recs)
+    for r in recs:
+        store.insert_many([r])
     for i in range(20):
         store.append_provenance_batch([(recs[i % 3].id, {"n": i})])
     store.maintain()
     assert len(store._provenance.to_lance().versions()) > 20  # within the grace: kept
+    assert len(store._records.to_lance().versions()) > 3
     monkeypatch.setattr(store_maintenance, "_VERSION_GRACE", timedelta(0))
     store.maintain()
     assert len(store._provenance.to_lance().versions()) <= 2
+    assert len(store._records.to_lance().versions()) <= 2
     assert [e["n"] for e in store.get(recs[1].id).provenance] == [1, 4, 7, 10, 13, 16, 19]
     assert _rows(store) == (20, 20)
 
