@@ -104,8 +104,8 @@ def _is_sorted(fragment) -> bool:
 class ProvenanceClusterer:
     """Keeps one provenance table clustered (see the module's guarantees); one per store.
 
-    Whether a fragment is sorted is read once per fragment and remembered:
-    Lance never reuses a fragment id nor changes a fragment's rows in place.
+    Whether a fragment is sorted is read once per fragment and remembered while
+    it exists: Lance never reuses a fragment id nor changes a fragment's rows in place.
     """
 
     def __init__(self, table, policy: ClusterPolicy = ClusterPolicy()):
@@ -126,9 +126,8 @@ class ProvenanceClusterer:
         while True:
             dataset = self._table.to_lance()  # opened with the connection's storage options
             fragments = {f.fragment_id: f for f in dataset.get_fragments()}
-            for fid, fragment in fragments.items():
-                if fid not in self._sorted:
-                    self._sorted[fid] = _is_sorted(fragment)
+            known = self._sorted
+            self._sorted = {fid: known[fid] if fid in known else _is_sorted(f) for fid, f in fragments.items()}
             groups = plan_merges([(fid, f.metadata.physical_rows - f.metadata.num_deletions, self._sorted[fid])
                                   for fid, f in fragments.items()], self._policy)
             if not groups:
