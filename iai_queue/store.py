@@ -39,11 +39,10 @@ from .lance_tables import PROVENANCE, RECORDS, open_or_create, provenance_schema
 from .location import StoreLocation, is_uri, parse_storage_options
 from .maintenance import MaintenancePolicy, MaintenanceRole, MaintenanceStats
 from .pairs import ProvenanceBatch
-from .provenance_clustering import ProvenanceClusterer
 from .provenance_table import ProvenanceTable
 from .queue_toggle import QueueToggle
 from .records_table import RecordsTable
-from .store_maintenance import maintain_tables, make_scheduler
+from .store_maintenance import TableMaintenance, make_scheduler
 
 __all__ = ["DuplicateIdError", "MemoryRecord", "MemoryStore", "ProvenanceBatch", "default_store_path"]
 
@@ -124,7 +123,7 @@ class MemoryStore:
                                                            metadata_cache_size_bytes=_METADATA_CACHE_BYTES))
         self._records = open_or_create(self._db, RECORDS, records_schema(dim))
         self._provenance = open_or_create(self._db, PROVENANCE, provenance_schema())
-        self._clusterer = ProvenanceClusterer(self._provenance)
+        self._maintenance = TableMaintenance(self._records, self._provenance)
         found = self._records.schema.field("embedding").type
         if getattr(found, "list_size", dim) != dim:
             raise ValueError(f"store at {loc.display!r} holds {found.list_size}-d embeddings, not dim={dim}")
@@ -268,7 +267,7 @@ class MemoryStore:
         hosts append, never needed for correctness, and what makes ``get()``
         fast on a large provenance table.
         """
-        maintain_tables(self._records, self._provenance, self._clusterer.run)
+        self._maintenance.run()
 
     def request_maintenance(self) -> None:
         """Ask the background scheduler for a :meth:`maintain` run soon; returns at once.

@@ -11,7 +11,6 @@ with backoff. When and where it runs in the background is
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
 from typing import Any, Callable, Optional
 
 from lancedb.index import BTree
@@ -19,8 +18,9 @@ from lancedb.index import BTree
 from .location import StoreLocation
 from .maintenance import (FlockMaintenanceLock, MaintenancePolicy, MaintenanceRole, MaintenanceScheduler,
                           WindowMaintenanceLock)
+from .provenance_clustering import ProvenanceClusterer
 
-__all__ = ["maintain_tables", "make_scheduler"]
+__all__ = ["TableMaintenance", "VersionPruner", "maintain_tables", "make_scheduler"]
 
 _CONFLICT_ATTEMPTS = 4
 
@@ -42,17 +42,32 @@ def _retry_commit_conflicts(step) -> None:
             time.sleep(0.05 * 2 ** attempt)
 
 
-def maintain_tables(records, provenance, cluster_provenance: Callable[[], object]) -> None:
+class TableMaintenance:
+    """One store's maintenance and what it remembers between runs (which fragments are sorted, when
+    versions were first seen superseded)."""
+
+    def __init__(self, records, provenance):
+        self._tables = (records, provenance)
+        self._clusterer = ProvenanceClusterer(provenance)
+        self._pruners = (VersionPruner(records), VersionPruner(provenance))
+
+    def run(self) -> None:
+        maintain_tables(*self._tables, self._clusterer.run, lambda: [pruner.run() for pruner in self._pruners])
+
+
+def maintain_tables(records, provenance, cluster_provenance: Callable[[], object],
+                    prune_versions: Callable[[], object]) -> None:
     """Build the scalar indexes lookups use (once a table has rows), compact the records, cluster the
-    provenance rows by record (:mod:`iai_queue.provenance_clustering`), then bring indexes up to date."""
+    provenance rows by record (:mod:`iai_queue.provenance_clustering`), bring indexes up to date, then
+    prune both tables' superseded versions (:class:`VersionPruner`)."""
     for table, column in ((records, "id"), (provenance, "record_id"), (provenance, "entry_id")):
         if not any(idx.columns == [column] for idx in table.list_indices()):
             if table.count_rows():
                 _retry_commit_conflicts(lambda: _create_index(table, column))
     _retry_commit_conflicts(records.optimize)
-    _prune_versions(records.to_lance())  # each record lookup lists the manifests too
     _retry_commit_conflicts(cluster_provenance)
-    _retry_commit_conflicts(lambda: _index_and_prune(provenance))
+    _retry_commit_conflicts(lambda: _update_indexes(provenance))
+    prune_versions()
 
 
 def _create_index(table, column: str) -> None:
@@ -64,39 +79,53 @@ def _create_index(table, column: str) -> None:
         raise
 
 
-def _index_and_prune(table) -> None:
-    """What LanceDB's ``optimize()`` does after compacting, without its compaction (that would
-    concatenate the sorted runs and undo the size tiers clustering keeps), and cheaper.
-
-    New rows go into a small delta index segment (tens of ms) instead of a
-    rebuild of the whole index (seconds at 10 M rows); segments are merged once
-    :data:`_MAX_INDEX_SEGMENTS` accumulate. Superseded versions go after
-    :data:`_VERSION_GRACE`: every commit leaves a manifest, and a reader that
-    looks up the latest version lists them all (7 ms per get() at 2 500).
-    """
+def _update_indexes(table) -> None:
+    """LanceDB's ``optimize()`` without its compaction (that would concatenate the sorted runs and undo
+    the size tiers clustering keeps), and cheaper: new rows go into a small delta index segment (tens
+    of ms) instead of a rebuild of the whole index (seconds at 10 M rows); segments are merged once
+    :data:`_MAX_INDEX_SEGMENTS` accumulate."""
     dataset = table.to_lance()
     segments = max((table.index_stats(idx.name).num_indices for idx in table.list_indices()), default=0)
     dataset.optimize.optimize_indices(num_indices_to_merge=0 if segments < _MAX_INDEX_SEGMENTS else segments)
-    _prune_versions(table.to_lance())
 
 
 _MAX_INDEX_SEGMENTS = 8
-_VERSION_GRACE = timedelta(seconds=10)
+VERSION_GRACE_S = 10.0
 
 
-def _prune_versions(dataset) -> None:
-    """Remove each version superseded more than :data:`_VERSION_GRACE` ago (and files only it used).
+class VersionPruner:
+    """Removes a table's versions (and the files only they used) once this process has seen them
+    superseded for ``VERSION_GRACE_S``.
 
-    A version is judged by when its successor was committed, not by its own age:
-    a read that loaded it before then has had the grace to finish. A read that
-    takes longer, on a file a rewrite replaced, fails with not-found; it loses
-    nothing, and the next read sees the new version.
+    Why: every commit leaves a manifest, and a reader that looks up the latest
+    version lists them all (7 ms per get() at 2 500). Judged by this process's
+    monotonic clock from when it first saw a version superseded, never by the
+    manifests' timestamps (other hosts' clocks, local time across a DST change),
+    so a version is always older than the grace when it goes. A read, append or
+    merge that started from a version more than the grace before can then fail
+    with not-found: the queue retries an append (entry ids keep it once), a
+    failed maintenance run is run again, a failed get() can be repeated.
     """
-    versions = dataset.versions()
-    cutoff = datetime.now(versions[-1]["timestamp"].tzinfo) - _VERSION_GRACE if versions else None
-    old = [v["version"] for v, successor in zip(versions, versions[1:]) if successor["timestamp"] < cutoff]
-    if old:
-        dataset.cleanup_old_versions(versions=old, error_if_tagged_old_versions=False)
+
+    def __init__(self, table, clock: Callable[[], float] = time.monotonic):
+        self._table = table
+        self._clock = clock
+        self._superseded_since: dict[int, float] = {}
+
+    def run(self) -> int:
+        """Prune what is due; returns how many versions went."""
+        dataset = self._table.to_lance()
+        versions = [v["version"] for v in dataset.versions()]
+        if not versions:
+            return 0
+        now, latest, seen = self._clock(), max(versions), self._superseded_since
+        self._superseded_since = {v: seen.get(v, now) for v in versions if v != latest}
+        due = [v for v, since in self._superseded_since.items() if now - since >= VERSION_GRACE_S]
+        if due:
+            dataset.cleanup_old_versions(versions=due, error_if_tagged_old_versions=False)
+            for v in due:
+                del self._superseded_since[v]
+        return len(due)
 
 
 def make_scheduler(maintenance: "MaintenancePolicy | MaintenanceRole | str | None", location: StoreLocation, db,

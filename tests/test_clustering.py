@@ -8,7 +8,6 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -38,6 +37,10 @@ def test_plan_merges_by_tier():
     assert sorted(f for g in groups for f in g) == list(range(25))
     assert all(len(g) * 90 <= 1000 for g in groups)
     assert plan_merges([(1, 0, False), (2, 0, False)], p) == []
+    assert plan_merges([(1, 5000, False)], p) == [[1]]  # unsorted and over max_run_rows: sorted alone
+    mixed = plan_merges([(1, 10, False), (2, 20, True), (3, 150, True), (4, 160, True), (5, 170, True),
+                         (6, 180, True), (7, 450, True)], p)
+    assert mixed == [[1, 2], [3, 4, 5, 6]]  # tier 0 and tier 1 at once; tier 2 alone waits
 
 
 def _rows(store):
@@ -97,7 +100,7 @@ def test_maintain_prunes_versions_superseded_for_longer_than_the_grace(tmp_path,
     store.maintain()
     assert len(store._provenance.to_lance().versions()) > 20  # within the grace: kept
     assert len(store._records.to_lance().versions()) > 3
-    monkeypatch.setattr(store_maintenance, "_VERSION_GRACE", timedelta(0))
+    monkeypatch.setattr(store_maintenance, "VERSION_GRACE_S", 0.0)
     store.maintain()
     assert len(store._provenance.to_lance().versions()) <= 2
     assert len(store._records.to_lance().versions()) <= 2
@@ -188,23 +191,28 @@ def test_appends_threshold_must_be_a_positive_int(bad):
 
 
 @pytest.mark.timeout(120)
-def test_two_maintainers_overlapping_with_a_writer_lose_and_double_nothing(tmp_path):
-    """What a window lock overlap on object storage (or two designated maintainers) amounts to."""
+def test_two_maintainers_overlapping_with_a_writer_lose_and_double_nothing(tmp_path, monkeypatch):
+    """What a window lock overlap on object storage (or two designated maintainers) amounts to, with
+    versions pruned as they pass a short grace."""
+    monkeypatch.setattr(store_maintenance, "VERSION_GRACE_S", 1.0)
     a = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
     b = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
     recs = make_records(6, dim=4)
     a.insert_many(recs)
     for store in (a, b):
-        store._clusterer = ProvenanceClusterer(store._provenance, SMALL)
+        store._maintenance._clusterer = ProvenanceClusterer(store._provenance, SMALL)
     done = threading.Event()
     written = [0]
     failures: list[BaseException] = []
+    writer_errors: list[BaseException] = []
 
     def writer():
         try:
-            for i in range(60):
+            for i in range(150):
                 a.append_provenance_batch([(recs[(i + j) % 6].id, {"n": written[0] + j}) for j in range(20)])
                 written[0] += 20
+        except BaseException as exc:
+            writer_errors.append(exc)
         finally:
             done.set()
 
@@ -220,9 +228,59 @@ def test_two_maintainers_overlapping_with_a_writer_lose_and_double_nothing(tmp_p
         t.start()
     for t in threads:
         t.join(90)
+    assert not writer_errors, writer_errors
     a.maintain()
     assert _rows(a) == (written[0], written[0]), failures[:3]
+    assert written[0] == 3000
     for r in recs:
         ns = [e["n"] for e in a.get(r.id).provenance]
         assert ns == sorted(ns) and len(ns) == written[0] // 6
     assert all("conflict" in str(exc).lower() for exc in failures), failures[:3]
+
+
+@pytest.mark.timeout(60)
+def test_a_run_returns_while_appends_keep_coming(tmp_path):
+    """Planned once per run: a steady writer cannot keep a run merging forever."""
+    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
+    recs = make_records(3, dim=4)
+    store.insert_many(recs)
+    clusterer = ProvenanceClusterer(store._provenance, SMALL)
+    stop = threading.Event()
+
+    def writer():
+        n = 0
+        while not stop.is_set():
+            store.append_provenance_batch([(recs[n % 3].id, {"n": n})])
+            n += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(5):
+            clusterer.run()  # each returns (the test's timeout is the bound)
+    finally:
+        stop.set()
+        t.join(30)
+    rows, distinct = _rows(store)
+    assert rows == distinct
+
+
+def test_version_pruner_goes_by_its_own_clock_not_the_manifests(tmp_path):
+    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
+    recs = make_records(2, dim=4)
+    store.insert_many(recs)
+    for i in range(5):
+        store.append_provenance_batch([(recs[0].id, {"n": i})])
+    now = [1000.0]
+    pruner = store_maintenance.VersionPruner(store._provenance, clock=lambda: now[0])
+    before = len(store._provenance.to_lance().versions())
+    assert pruner.run() == 0  # first seen superseded now, however old their timestamps
+    now[0] += store_maintenance.VERSION_GRACE_S - 0.5
+    store.append_provenance_batch([(recs[0].id, {"n": 5})])  # supersedes one more version
+    assert pruner.run() == 0
+    now[0] += 0.5
+    assert pruner.run() == before - 1  # all but the one superseded later; the latest always stays
+    assert len(store._provenance.to_lance().versions()) == 2
+    now[0] += store_maintenance.VERSION_GRACE_S
+    assert pruner.run() == 1
+    assert [e["n"] for e in store.get(recs[0].id).provenance] == list(range(6))
