@@ -43,6 +43,13 @@ def test_plan_merges_by_tier():
     assert mixed == [[1, 2], [3, 4, 5, 6]]  # tier 0 and tier 1 at once; tier 2 alone waits
 
 
+def _store_with_records(tmp_path, n: int, **kwargs):
+    store = MemoryStore(tmp_path / "db", dim=4, **{"maintenance": "never", **kwargs})  # kwargs may override it
+    recs = make_records(n, dim=4)
+    store.insert_many(recs)
+    return store, recs
+
+
 def _rows(store):
     t = store._provenance.to_arrow()
     return t.num_rows, pc.count_distinct(t.column("entry_id")).as_py()
@@ -50,9 +57,7 @@ def _rows(store):
 
 @pytest.mark.timeout(120)
 def test_clustering_under_concurrent_appends_keeps_every_row_once_and_in_order(tmp_path):
-    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
-    recs = make_records(12, dim=4)
-    store.insert_many(recs)
+    store, recs = _store_with_records(tmp_path, 12)
     clusterer = ProvenanceClusterer(store._provenance, SMALL)
     done = threading.Event()
     written = [0]
@@ -167,10 +172,8 @@ def test_sigkill_mid_merge_leaves_every_acknowledged_row_once(tmp_path):
 def test_background_run_starts_after_appends_threshold_appends_and_clusters_them(tmp_path):
     from iai_queue.maintenance import MaintenancePolicy
 
-    store = MemoryStore(tmp_path / "db", dim=4,
-                        maintenance=MaintenancePolicy(rows_threshold=10**6, appends_threshold=5, idle_s=600, poll_s=0.05))
-    recs = make_records(4, dim=4)
-    store.insert_many(recs)
+    store, recs = _store_with_records(tmp_path, 4, maintenance=MaintenancePolicy(
+        rows_threshold=10**6, appends_threshold=5, idle_s=600, poll_s=0.05))
     for i in range(4):
         store.append_provenance_batch([(recs[i].id, {"n": i})])
     assert store.maintenance_stats().runs == 0  # 4 appends, 4 rows: nothing due
@@ -241,9 +244,7 @@ def test_two_maintainers_overlapping_with_a_writer_lose_and_double_nothing(tmp_p
 @pytest.mark.timeout(60)
 def test_a_run_returns_while_appends_keep_coming(tmp_path):
     """Planned once per run: a steady writer cannot keep a run merging forever."""
-    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
-    recs = make_records(3, dim=4)
-    store.insert_many(recs)
+    store, recs = _store_with_records(tmp_path, 3)
     clusterer = ProvenanceClusterer(store._provenance, SMALL)
     stop = threading.Event()
 
@@ -266,9 +267,7 @@ def test_a_run_returns_while_appends_keep_coming(tmp_path):
 
 
 def test_version_pruner_goes_by_its_own_clock_not_the_manifests(tmp_path):
-    store = MemoryStore(tmp_path / "db", dim=4, maintenance="never")
-    recs = make_records(2, dim=4)
-    store.insert_many(recs)
+    store, recs = _store_with_records(tmp_path, 2)
     for i in range(5):
         store.append_provenance_batch([(recs[0].id, {"n": i})])
     now = [1000.0]
