@@ -58,6 +58,12 @@ class ClusterPolicy:
     fanout: int = 4
     max_run_rows: int = 2_097_152
 
+    def __post_init__(self) -> None:
+        for name, least in (("base_rows", 1), ("fanout", 2), ("max_run_rows", self.base_rows)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
 
 def _tier(rows: int, policy: ClusterPolicy) -> int:
     tier, bound = 0, policy.base_rows

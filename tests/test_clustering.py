@@ -50,6 +50,12 @@ def _store_with_records(tmp_path, n: int, **kwargs):
     return store, recs
 
 
+@pytest.mark.parametrize("bad", [dict(base_rows=0), dict(fanout=1), dict(fanout=2.0), dict(max_run_rows=10)])
+def test_cluster_policy_refuses_values_that_would_never_settle(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ClusterPolicy(**bad)
+
+
 def _rows(store):
     t = store._provenance.to_arrow()
     return t.num_rows, pc.count_distinct(t.column("entry_id")).as_py()
