@@ -1,10 +1,12 @@
 """What the store's maintenance does (indexes, compaction, clustering, pruning) and which scheduler runs it.
 
-Guarantee: :func:`maintain_tables` is safe at any time, also while other
-threads, processes or hosts append; it is never needed for correctness. A
-commit refused as a "retryable commit conflict" (another maintainer's commit
-came first; nothing of the refused one was written) is run again, a few times
-with backoff. When and where it runs in the background is
+Guarantee: :func:`maintain_tables` loses and doubles no row at any time, also
+while other threads, processes or hosts append or maintain; it is never needed
+for correctness. A commit refused as a "retryable commit conflict" (another
+maintainer's commit came first; nothing of the refused one was written) is run
+again, a few times with backoff. The one cost to others: a read, append or
+merge that began from a version pruned meanwhile fails with not-found and is
+repeated (:class:`VersionPruner`). When and where it runs in the background is
 :mod:`iai_queue.maintenance`.
 """
 
