@@ -73,7 +73,7 @@ def entries(n: int) -> list[dict]:
 
 
 def run_queue(work: Path, args, ids) -> dict:
-    store = MemoryStore(work / "db", dim=args.dim)
+    store = MemoryStore(work / "db", dim=args.dim, maintenance="never")
     seed_store(store, args.records, seed=args.seed, progress=False, chunk=args.records)
     ents = entries(args.entries)
     calls = [[(ids[(i + j) % len(ids)], ents[i + j]) for j in range(min(args.pairs, args.entries - i))]

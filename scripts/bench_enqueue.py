@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     try:
         stores, ids = {}, None
         for name in ("queue", "reference"):
-            stores[name] = MemoryStore(work / name, dim=args.dim)
+            stores[name] = MemoryStore(work / name, dim=args.dim, maintenance="never")
             ids = seed_store(stores[name], args.records, seed=args.seed, progress=False)
         meters = {n: BusyMeter(s) for n, s in stores.items()}
         q = stores["queue"].enable_provenance_queue(spill_dir=work / "spill")

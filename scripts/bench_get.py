@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="iai-bench-get-"))
     out = {"benchmark": "get", "config": vars(args) | {"json": None}}
     try:
-        store = MemoryStore(work / "db", dim=args.dim)
+        store = MemoryStore(work / "db", dim=args.dim, maintenance="never")
         ids = seed_store(store, args.records, seed=args.seed, progress=False)
         store.maintain()
         out["get_empty_ms"], ok0 = time_gets(store, ids, args.gets, rnd, expect=0)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="iai-bench-memory-"))
     try:
-        store = MemoryStore(work / "db", dim=384)
+        store = MemoryStore(work / "db", dim=384, maintenance="never")
         ids = seed_store(store, args.records, progress=False)
         real = store.append_provenance_batch
 

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="iai-bench-overflow-"))
     out = {"benchmark": "overflow", "config": vars(args) | {"json": None}}
     try:
-        stores = {n: MemoryStore(work / n, dim=384) for n in ("healthy", "blocked", "direct")}
+        stores = {n: MemoryStore(work / n, dim=384, maintenance="never") for n in ("healthy", "blocked", "direct")}
         ids = None
         for s in stores.values():
             ids = seed_store(s, args.records, seed=args.seed, progress=False)

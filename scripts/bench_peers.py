@@ -513,7 +513,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     stores: dict[str, MemoryStore] = {}
     ids = None
     for k in keys:
-        stores[k] = MemoryStore(work / k / "db", dim=args.dim)
+        stores[k] = MemoryStore(work / k / "db", dim=args.dim, maintenance="never")
         ids = seed_store(stores[k], args.records, seed=args.seed, progress=False)
     meters = {k: Meter(stores[k]) for k in keys}
     queues: dict[str, Contender] = {k: CONTENDERS[k](stores[k], work / k) for k in keys}

@@ -47,6 +47,8 @@ def main() -> int:
         except AssertionError as exc:
             print(f"FAIL after {args.kills} kills: {exc}")
             return 1
+        finally:
+            store.close()  # its background maintenance stops before the directory goes
         print(f"OK: {args.kills} SIGKILLs, {sum(v + 1 for v in acked.values())} acked entries, {rows} rows, "
               f"no loss, no duplicate, order kept ({time.monotonic() - t0:.0f} s)")
     return 0
