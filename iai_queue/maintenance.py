@@ -227,7 +227,7 @@ class MaintenanceScheduler:
             self._rows += n
             self._appends += 1
             self._last_append = time.monotonic()
-            due = self._rows >= self.policy.rows_threshold or self._appends >= self.policy.appends_threshold
+            due = self._work_due_locked()
         self._ensure_thread()
         if due:
             self._wake.set()
@@ -266,8 +266,10 @@ class MaintenanceScheduler:
                 return True
             if not self._rows:
                 return False
-            return (self._rows >= self.policy.rows_threshold or self._appends >= self.policy.appends_threshold
-                    or time.monotonic() - self._last_append >= self.policy.idle_s)
+            return self._work_due_locked() or time.monotonic() - self._last_append >= self.policy.idle_s
+
+    def _work_due_locked(self) -> bool:
+        return self._rows >= self.policy.rows_threshold or self._appends >= self.policy.appends_threshold
 
     def _run(self) -> None:
         while not self._closed.is_set():

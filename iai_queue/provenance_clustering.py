@@ -31,7 +31,7 @@ Guarantees:
   first row of an entry id, whatever the fragments hold.
 
 Merged rows are unindexed until the indexes are brought up to date, which
-:func:`~iai_queue.store_maintenance.maintain_tables` does right after.
+:meth:`~iai_queue.store_maintenance.TableMaintenance.run` does right after.
 """
 
 from __future__ import annotations
@@ -142,8 +142,7 @@ class ProvenanceClusterer:
         """
         import lance  # pylance: the Rewrite commit LanceDB's API does not expose
 
-        dataset = self._table.to_lance()  # opened with the connection's storage options
-        fragments = {f.fragment_id: f for f in dataset.get_fragments()}
+        dataset, fragments = self._snapshot()
         known = self._sorted
         self._sorted = {fid: known[fid] if fid in known else _is_sorted(f) for fid, f in fragments.items()}
         groups = plan_merges([(fid, f.metadata.physical_rows - f.metadata.num_deletions, self._sorted[fid])
@@ -151,8 +150,7 @@ class ProvenanceClusterer:
         rewritten = 0
         for i, group in enumerate(groups):
             if i:
-                dataset = self._table.to_lance()
-                fragments = {f.fragment_id: f for f in dataset.get_fragments()}
+                dataset, fragments = self._snapshot()
                 if not all(fid in fragments for fid in group):
                     continue  # another maintainer merged some of them meanwhile
             members = [fragments[fid] for fid in group]
@@ -166,3 +164,8 @@ class ProvenanceClusterer:
             rewritten += run.num_rows
             log.debug("provenance: %d fragments (%d rows) merged into a sorted run", len(members), run.num_rows)
         return rewritten
+
+    def _snapshot(self):
+        """The latest version (opened with the connection's storage options) and its fragments by id."""
+        dataset = self._table.to_lance()
+        return dataset, {f.fragment_id: f for f in dataset.get_fragments()}

@@ -1,6 +1,6 @@
 """What the store's maintenance does (indexes, compaction, clustering, pruning) and which scheduler runs it.
 
-Guarantee: :func:`maintain_tables` loses and doubles no row at any time, also
+Guarantee: :meth:`TableMaintenance.run` loses and doubles no row at any time, also
 while other threads, processes or hosts append or maintain; it is never needed
 for correctness. A commit refused as a "retryable commit conflict" (another
 maintainer's commit came first; nothing of the refused one was written) is run
@@ -22,7 +22,7 @@ from .maintenance import (FlockMaintenanceLock, MaintenancePolicy, MaintenanceRo
                           WindowMaintenanceLock)
 from .provenance_clustering import ProvenanceClusterer
 
-__all__ = ["TableMaintenance", "VersionPruner", "maintain_tables", "make_scheduler"]
+__all__ = ["TableMaintenance", "VersionPruner", "make_scheduler"]
 
 _CONFLICT_ATTEMPTS = 4
 
@@ -49,27 +49,24 @@ class TableMaintenance:
     versions were first seen superseded)."""
 
     def __init__(self, records, provenance):
-        self._tables = (records, provenance)
+        self._records, self._provenance = records, provenance
         self._clusterer = ProvenanceClusterer(provenance)
         self._pruners = (VersionPruner(records), VersionPruner(provenance))
 
     def run(self) -> None:
-        maintain_tables(*self._tables, self._clusterer.run, lambda: [pruner.run() for pruner in self._pruners])
-
-
-def maintain_tables(records, provenance, cluster_provenance: Callable[[], object],
-                    prune_versions: Callable[[], object]) -> None:
-    """Build the scalar indexes lookups use (once a table has rows), compact the records, cluster the
-    provenance rows by record (:mod:`iai_queue.provenance_clustering`), bring indexes up to date, then
-    prune both tables' superseded versions (:class:`VersionPruner`)."""
-    for table, column in ((records, "id"), (provenance, "record_id"), (provenance, "entry_id")):
-        if not any(idx.columns == [column] for idx in table.list_indices()):
-            if table.count_rows():
-                _retry_commit_conflicts(lambda: _create_index(table, column))
-    _retry_commit_conflicts(records.optimize)
-    _retry_commit_conflicts(cluster_provenance)
-    _retry_commit_conflicts(lambda: _update_indexes(provenance))
-    prune_versions()
+        """Build the scalar indexes lookups use (once a table has rows), compact the records, cluster the
+        provenance rows by record (:mod:`iai_queue.provenance_clustering`), bring indexes up to date, then
+        prune both tables' superseded versions (:class:`VersionPruner`)."""
+        records, provenance = self._records, self._provenance
+        for table, column in ((records, "id"), (provenance, "record_id"), (provenance, "entry_id")):
+            if not any(idx.columns == [column] for idx in table.list_indices()):
+                if table.count_rows():
+                    _retry_commit_conflicts(lambda: _create_index(table, column))
+        _retry_commit_conflicts(records.optimize)
+        _retry_commit_conflicts(self._clusterer.run)
+        _retry_commit_conflicts(lambda: _update_indexes(provenance))
+        for pruner in self._pruners:
+            pruner.run()
 
 
 def _create_index(table, column: str) -> None:
