@@ -14,6 +14,13 @@ the error text; the rest land, in order.
 Guarantee 3 (exactly-once effect), the delivery half: after any failure the
 batch is flagged ``verify`` (it may have landed), so the store skips entry ids
 it already has.
+
+Guarantee 4 (runs): the in-flight record is shared by the queue's runs (a
+restarted queue keeps its ``Delivery``), and a run's worker changes it only
+under the lock while its run is not abandoned. ``stop()`` abandons the run and
+takes the record over in one locked step, so a worker it left behind in the
+store — which may come back at any moment — never publishes into, marks as on
+disk, resumes or clears a later run's batch.
 """
 
 from __future__ import annotations
@@ -103,6 +110,12 @@ class WritesInFlight:
 WRITES_IN_FLIGHT = WritesInFlight()
 
 
+def _running_locked(stop: StopSignal) -> None:
+    """Raises Abandoned when ``stop()`` has given up on the run (read under the lock it is set under)."""
+    if stop.abandoned:
+        raise Abandoned
+
+
 class StillInFlight(Exception):
     """An earlier write of the same entry ids has not returned yet: retried like a store error."""
 
@@ -140,7 +153,9 @@ class Delivery:
 
     # -- in flight (lock held) ---------------------------------------------------------
 
-    def publish_locked(self, batch: Batch, into: Optional[deque] = None) -> deque:
+    def publish_locked(self, batch: Batch, stop: StopSignal, into: Optional[deque] = None) -> deque:
+        """``batch`` is in flight (appended to ``into``, when given). Raises Abandoned for an abandoned run."""
+        _running_locked(stop)
         into = deque() if into is None else into
         into.append(batch)
         if not into is self.in_flight:
@@ -149,12 +164,19 @@ class Delivery:
         self.in_flight_on_disk = False
         return into
 
-    def finish_locked(self) -> None:
+    def finish_locked(self, stop: StopSignal) -> None:
+        """The run's batch is written. An abandoned run's record is stop()'s, maybe a later run's: untouched."""
+        if not stop.abandoned:
+            self._clear_locked()
+
+    def _clear_locked(self) -> None:
         self.in_flight = None
         self.current = None
 
-    def unfinished_locked(self) -> Optional[ProvenanceBatch]:
-        """The batch a crashed worker left in flight (only in memory), to resume; None if there is none."""
+    def unfinished_locked(self, stop: StopSignal) -> Optional[ProvenanceBatch]:
+        """The batch a crashed worker of this run left in flight (only in memory), to resume; None if there
+        is none. Raises Abandoned for an abandoned run."""
+        _running_locked(stop)
         if not self.in_flight or self.in_flight_on_disk:
             return None
         for b in self.in_flight:
@@ -175,7 +197,7 @@ class Delivery:
         if self.in_flight:
             WRITES_IN_FLIGHT.hold_back_others(self.in_flight[0].entry_ids)
         out = list(self.in_flight) if self.in_flight and not self.in_flight_on_disk else []
-        self.finish_locked()
+        self._clear_locked()
         return out
 
     # -- writing -----------------------------------------------------------------------------
@@ -189,6 +211,7 @@ class Delivery:
         flight (a restarted worker).
         """
         with self.lock:
+            _running_locked(stop)
             if not resume and (self.in_flight is None or self.in_flight[0] is not batch):
                 self.in_flight = deque([batch])
                 self.in_flight_on_disk = True  # a replay: its pairs are safe in the claimed file

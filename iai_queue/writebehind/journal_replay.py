@@ -263,7 +263,7 @@ class JournalReplayer:
         """One store write of a replay (raises GiveUp/Abandoned as :meth:`Delivery.deliver` does)."""
         self.delivery.deliver(Batch(pairs, entry_ids, verify=verify), stop, verify=verify)
         with self.lock:
-            self.delivery.finish_locked()
+            self.delivery.finish_locked(stop)
             self.ledger.count(replayed=len(pairs))
 
 class _Skip(Exception):

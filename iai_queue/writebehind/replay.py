@@ -163,10 +163,14 @@ class Replayer:
         group = []
         gathered = 0
         for name in names:
+            if stop.abandoned:  # a later run may be replaying these: claim nothing more
+                break
             try:
                 claimed, recovered = self.directory.claim(name)
             except FileNotFoundError:
-                continue  # taken by someone else since we listed it
+                # Claimed since we listed it (another replayer, or a worker of ours that stop() gave up on):
+                # the younger files wait until the next listing shows where it went, so they never land first.
+                break
             except OSError as exc:  # a read-only directory: this file, and so the younger ones, later
                 self.retries.failed(name, exc)
                 break
@@ -195,7 +199,7 @@ class Replayer:
             end = start + self.batch_pairs
             self.delivery.deliver(Batch(pairs[start:end], entry_ids[start:end], verify=verify), stop, verify=verify)
             with self.lock:
-                self.delivery.finish_locked()
+                self.delivery.finish_locked(stop)
                 self.ledger.count(replayed=len(pairs[start:end]))
         for name, claimed, stem, recovered, parsed in group:
             kept = True

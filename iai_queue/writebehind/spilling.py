@@ -129,6 +129,8 @@ class SpillThread:
                 stop.requested.wait(min(cfg.coalesce_s, 0.05))
             while True:
                 with self.lock:
+                    if stop.abandoned:  # stop() spills the rest itself; the buffer may be a later run's
+                        return
                     chunks, count = adm.take_for_spill_locked(cfg.spill_file_pairs)
                 if not chunks:
                     break

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Optional
 
 from ..events import RateLimiter
@@ -54,11 +53,11 @@ class Worker:
     def run(self, stop: StopSignal) -> None:
         try:
             with self.lock:
-                unfinished = self.delivery.unfinished_locked()
+                unfinished = self.delivery.unfinished_locked(stop)
             if unfinished is not None:  # a crash left it: it goes before anything newer
                 self.delivery.deliver(unfinished, stop, resume=True)
                 with self.lock:
-                    self.delivery.finish_locked()
+                    self.delivery.finish_locked(stop)
                     self.ledger.mark_done(unfinished.done_seqs)
             while True:
                 batch = self._next_batch(stop)
@@ -66,7 +65,7 @@ class Worker:
                     return
                 self.delivery.deliver(batch, stop)
                 with self.lock:
-                    self.delivery.finish_locked()
+                    self.delivery.finish_locked(stop)
                     self.ledger.mark_done(batch.done_seqs)
         except (GiveUp, Abandoned):
             return
@@ -97,20 +96,23 @@ class Worker:
                                      lambda: not self.ledger.flush_waiters
                                      and not adm.full_batch_waiting(cfg.max_batch_pairs))
                 continue
-            return self.take()
+            return self.take(stop)
 
-    def take(self, into: Optional[deque] = None) -> Batch:
+    def take(self, stop: StopSignal) -> Batch:
         """Up to max_batch_pairs from memory (up to replay_batch_pairs under a backlog), published as
-        in flight (into ``into``) in the same step."""
+        in flight in the same step. Raises Abandoned, taking nothing, once stop() has given up on the run:
+        what memory holds then is a later run's (or stop()'s)."""
         room = self.cfg.max_batch_pairs
         if self.admission.full_batch_waiting(2 * room):
             # More than one batch waits: a LanceDB commit costs about the same for 256 rows or
             # 8000, so take more per commit (as Kafka's producer fills batch.size under load).
             room = self.cfg.backlog_batch_pairs
         with self.lock:
+            if stop.abandoned:
+                raise Abandoned
             pairs, eids, done = self.admission.take_locked(room, self.ids)
             batch = Batch(pairs, eids, done_seqs=done)
-            self.delivery.publish_locked(batch, into)
+            self.delivery.publish_locked(batch, stop)
             return batch
 
     def _idle_work(self, stop: StopSignal) -> bool:
@@ -126,6 +128,8 @@ class Worker:
         if files_waiting(self.directory):
             return False  # ours are still on disk, or earlier files of our store wait for their replayer
         with self.lock:
+            if stop.abandoned:
+                raise Abandoned  # the spill buffer may be a later run's
             return adm.refill_locked(generation)
 
     def _maintain(self) -> None:
