@@ -61,7 +61,7 @@ class ProvenanceTable:
         self._on_appended = on_appended
         self._seq_lock = threading.Lock()
         self._last_seq = 0
-        self._entry_prefix = f"s{secrets.token_hex(4)}-"
+        self._entry_prefix = f"s{secrets.token_hex(8)}-"  # 64 random bits, as the queue's (pairs.EntryIds)
         self._entry_counter = itertools.count()
 
     def append(self, pairs: Sequence[tuple[UUID | str, dict]],
