@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 import time
 from enum import Enum
@@ -44,8 +45,17 @@ from .segment import EXTENT_BYTES, MAPPED, Segment, SegmentFiles, fsync_segments
 __all__ = ["Durability", "JournalFailed", "JournalWriter", "Segment"]
 
 _frame_pack = FRAME.pack
-_frame_pack_into = FRAME.pack_into
 _FRAME_SIZE = FRAME.size
+_record_packers: dict[int, Callable] = {}  # payload length -> pack_into of a whole record (FRAME + payload)
+
+
+def _record_packer(n: int) -> Callable:
+    """``pack_into(buffer, offset, n, crc, payload)`` of a record with an ``n``-byte payload, cached by ``n``
+    (at most 4096 lengths: the cache starts over when it is full)."""
+    if len(_record_packers) >= 4096:
+        _record_packers.clear()
+    pack = _record_packers[n] = struct.Struct(FRAME.format + f"{n}s").pack_into
+    return pack
 
 
 class Durability(Enum):
@@ -161,9 +171,12 @@ class JournalWriter:
             end = offset + _FRAME_SIZE + n
         m = seg.map
         if m is not None and end <= seg.reserved:
-            # The payload, then its frame: a kill in between leaves the zero length that ends a segment.
-            m[offset + _FRAME_SIZE:end] = payload
-            _frame_pack_into(m, offset, n, _crc(payload))
+            # Frame and payload in one copy (~0.1 µs less than two). A kill mid-copy leaves a torn record,
+            # which readers tell from the end of the data whatever order its bytes were stored in (.segment).
+            pack = _record_packers.get(n)
+            if pack is None:
+                pack = _record_packer(n)
+            pack(m, offset, n, _crc(payload), payload)
             seg.size = end
         else:
             self._write_locked(seg, _frame_pack(n, _crc(payload)) + payload)

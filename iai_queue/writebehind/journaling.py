@@ -33,10 +33,12 @@ import threading
 import time
 from collections import deque
 from typing import Callable, Optional
+from uuid import UUID
 
 from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
-from .admission import Admission, accepted_items
+from ..pairs import known_id_strings, validate_pairs
+from .admission import Admission
 from .chunks import chunk_seq
 from .journal_backlog import REFILL_BYTES, as_chunks, read_backlog, segment_after
 from .ledger import Ledger
@@ -79,7 +81,23 @@ class JournaledAdmission:
     # -- the hot path ------------------------------------------------------------------
 
     def enqueue(self, pairs: list) -> None:
-        items = accepted_items(pairs)  # the same checks as memory mode's hot path
+        # The same inline check as memory mode's hot path (Admission.enqueue), for the same reason.
+        if type(pairs) is list:
+            items = tuple(pairs)
+            try:
+                for p in items:
+                    if type(p) is not tuple:
+                        items = validate_pairs(pairs)
+                        break
+                    rid, entry = p
+                    if type(entry) is not dict or (type(rid) is not UUID
+                                                   and not (type(rid) is str and rid in known_id_strings)):
+                        items = validate_pairs(pairs)
+                        break
+            except ValueError:  # not two elements
+                items = validate_pairs(pairs)
+        else:
+            items = validate_pairs(pairs)
         if not items:
             return
         adm = self.adm
