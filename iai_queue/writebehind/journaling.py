@@ -39,7 +39,7 @@ from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
 from ..pairs import known_id_strings, validate_pairs
 from .admission import Admission
-from .chunks import chunk_seq
+from .chunks import HeldChunk, chunk_seq
 from .journal_backlog import REFILL_BYTES, as_chunks, read_backlog, segment_after
 from .ledger import Ledger
 from .lifecycle import StopSignal
@@ -243,21 +243,7 @@ class JournaledAdmission:
 
     def only_unjournaled(self, chunks: list, prefix: str) -> list:
         """Of chunks taken back at stop, the ones the journal does not hold (the rest stay on disk)."""
-        out = []
-        for c in chunks:
-            seq = chunk_seq(c)
-            if seq > 0:
-                if seq in self.unjournaled:
-                    out.append(c)
-                continue
-            # Pairs taken over from the worker carry entry ids "<prefix><seq:x>.<i>": keep the unjournaled.
-            from .chunks import HeldChunk
-
-            keep = [i for i, eid in enumerate(c.entry_ids[c.start:], c.start)
-                    if not eid.startswith(prefix) or int(eid[len(prefix):].split(".")[0], 16) in self.unjournaled]
-            if keep:
-                out.append(HeldChunk(-1, tuple(c.items[i] for i in keep), 0, [c.entry_ids[i] for i in keep], True))
-        return out
+        return unjournaled_only(chunks, self.unjournaled, prefix)
 
     def close(self, done_seq: int) -> bool:
         """The run is over: fsync, checkpoint, close. True when journaled calls remain on disk."""
@@ -280,7 +266,6 @@ class JournaledAdmission:
 
     def oldest_backlog_age_s(self) -> float:
         return time.monotonic() - self.backlog_since if self.backlog is not None else 0.0
-
 
     def sync(self, timeout: float) -> bool:
         """Block until every call journaled before this one is fsynced; False on timeout or a failing disk."""
@@ -307,6 +292,23 @@ class JournaledAdmission:
         orphan_age = max(0.0, time.time() - mtime) if mtime is not None else 0.0
         out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
         return out
+
+def unjournaled_only(chunks: list, unjournaled: set[int], prefix: str) -> list:
+    """Of ``chunks``, the calls (by seq) and pairs (by entry id ``<prefix><seq:x>.<i>``, for pairs taken over
+    from the worker) in ``unjournaled``; pairs of other queues' ids are kept too."""
+    out = []
+    for c in chunks:
+        seq = chunk_seq(c)
+        if seq > 0:
+            if seq in unjournaled:
+                out.append(c)
+            continue
+        keep = [i for i, eid in enumerate(c.entry_ids[c.start:], c.start)
+                if not eid.startswith(prefix) or int(eid[len(prefix):].split(".")[0], 16) in unjournaled]
+        if keep:
+            out.append(HeldChunk(-1, tuple(c.items[i] for i in keep), 0, [c.entry_ids[i] for i in keep], True))
+    return out
+
 
 class JournalThread:
     """Group commit and housekeeping: fsync every interval (fsync modes), notice a removed directory,
