@@ -282,3 +282,50 @@ def test_a_spill_thread_stop_gave_up_on_exits_instead_of_spilling_beside_the_nex
     drain(store, spill_dir)
     assert _order(store, rid) == [0, 1, 2, 3]
     assert store.provenance_rows() == 4
+
+
+@pytest.mark.timeout(60)
+def test_an_abandoned_journal_refill_puts_nothing_into_memory(store, records, spill_dir, monkeypatch):
+    """Write-ahead mode: the old worker is parked mid-refill (the backlog read, not yet moved to memory)
+    while stop() closes the journal and a new run starts. What it read stays in the journal, replayed
+    once and in order by the new run; nothing of it goes into memory ahead of, or beside, that replay."""
+    from iai_queue.writebehind import journaling
+
+    rid = records[0].id
+    turnstile = Turnstile(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", max_queue_size=2,
+                             max_batch_pairs=1, **FAST).start()
+    old_worker = q._threads.worker
+    real_read = journaling.read_backlog
+    parked, release_old = threading.Event(), threading.Event()
+
+    def read_backlog(*args, **kw):
+        out = real_read(*args, **kw)
+        if threading.current_thread() is old_worker and out[0] and not parked.is_set():
+            parked.set()
+            assert release_old.wait(30)
+        return out
+
+    monkeypatch.setattr(journaling, "read_backlog", read_backlog)
+    try:
+        turnstile.hold()
+        q.enqueue([(rid, {"n": 0})])
+        assert turnstile.waiting.wait(10)  # the worker holds n=0 in the store
+        for n in range(1, 6):  # n=1, 2 in memory; n=3..5 on disk only (the backlog)
+            q.enqueue([(rid, {"n": n})])
+        turnstile.release()  # 0, 1, 2 land; memory is empty: the worker refills and parks
+        assert parked.wait(10), "the worker never refilled from the backlog"
+        q.stop(timeout=0.3)
+        q.start()
+        q.enqueue([(rid, {"n": 6})])
+        release_old.set()
+        old_worker.join(10)
+        assert not old_worker.is_alive()
+        wait_for(lambda: len(_order(store, rid)) >= 7, 15, what="every entry in the store")
+        assert q.flush(5)
+    finally:
+        release_old.set()
+        turnstile.release()
+        q.stop(2)
+    assert _order(store, rid) == list(range(7))
+    assert store.provenance_rows() == 7

@@ -263,6 +263,8 @@ class Delivery:
         """
         error = self._write_once(b, stop)
         if isinstance(error, UnencodableEntries):
+            if stop is not None and stop.abandoned:
+                raise Abandoned  # stop() took these pairs over: it sets the bad ones aside itself
             good = self._set_aside_unencodable(b, error)
             error = self._write_once(good, stop) if good else None
         return error

@@ -178,11 +178,15 @@ class JournaledAdmission:
             if hold and seg is not None:
                 self.backlog, self.backlog_seq, self.backlog_since = (seg, seg.data_start), 0, time.monotonic()
 
-    def refill(self, older_waiting: Callable[[], bool]) -> bool:
-        """Memory is empty: move backlog calls from the journal into memory. True when it moved any."""
+    def refill(self, stop: StopSignal, older_waiting: Callable[[], bool]) -> bool:
+        """Memory is empty: move backlog calls from the journal into memory. True when it moved any.
+
+        Only for the run that ``stop`` ends, while it takes calls: checked in both locked steps, as
+        stop() closes admission and the journal under the writer's lock, and a new run has a new writer.
+        """
         writer = self.writer
         with writer.lock:
-            if self.backlog is None:
+            if not self._refilling_locked(stop, writer) or self.backlog is None:
                 return False
             if self.hold:
                 if older_waiting():
@@ -196,6 +200,8 @@ class JournaledAdmission:
         chunks = as_chunks(taken)
         moved = 0
         with writer.lock:
+            if not self._refilling_locked(stop, writer):
+                return False  # what was read stays in the journal, for the run that replays it
             pending = self.adm.pending
             for c in chunks:
                 pending.append(c)
@@ -205,6 +211,9 @@ class JournaledAdmission:
                 self.backlog_seq = taken[-1].seq
             self._advance_locked(seg, new_offset)
         return bool(taken) or self.backlog is None
+
+    def _refilling_locked(self, stop: StopSignal, writer: JournalWriter) -> bool:
+        return not stop.abandoned and self.accepting and self.writer is writer
 
     def _advance_locked(self, seg: Segment, offset: int) -> None:
         writer = self.writer
@@ -354,6 +363,7 @@ def journal_parts(adm: Admission, lock: threading.Lock, ledger: Ledger, warn: Ra
                                own_prefix=lambda: ids.prefix)
 
     def journal_idle(stop) -> bool:
-        return replayer.replay_some(stop) or journal.refill(lambda: bool(replayer.orphans()) or bool(spill.replayable()))
+        return replayer.replay_some(stop) or journal.refill(stop, lambda: bool(replayer.orphans())
+                                                            or bool(spill.replayable()))
 
     return journal, replayer, journal_idle

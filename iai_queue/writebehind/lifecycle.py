@@ -55,13 +55,16 @@ class StopSignal:
 
     ``requested`` cuts the threads' waits short; ``deadline`` is when the worker
     gives up on the store (:class:`GiveUp`); ``abandoned`` means stop() has taken
-    over what the worker held (:class:`Abandoned`).
+    over what the worker held (:class:`Abandoned`); ``over``, that stop() has
+    finished with the run's buffers (a thread still busy then must not hand
+    anything back to them: they may be a later run's). All set under the queue's lock.
     """
 
     def __init__(self) -> None:
         self.requested = threading.Event()
         self.deadline = NEVER
         self.abandoned = False
+        self.over = False  # stop() has taken the run's spill buffer and marked the queue stopped
 
     def request(self, deadline: float) -> None:
         self.deadline = deadline

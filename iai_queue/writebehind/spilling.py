@@ -136,29 +136,39 @@ class SpillThread:
                     break
                 try:
                     ok = self.spiller.spill(chunks, settle_locked=lambda: adm.spilled_locked(count))
-                except BaseException:
-                    with self.lock:  # a crash: nothing was written, the chunks go back in order
-                        adm.spill_failed_locked(chunks, count)
-                        adm.spill_room.notify_all()
+                except BaseException:  # a crash: nothing was written (the directory is not known to fail)
+                    self._not_spilled(chunks, count, stop, failing=False)
                     raise
-                with self.lock:
-                    adm.spill_failing = not ok
-                    late = not ok and adm.state is Lifecycle.STOPPED  # stop() has taken the buffer already
-                    if late:
-                        adm.spilled_locked(count)
-                    elif not ok:
-                        adm.spill_failed_locked(chunks, count)
-                    adm.spill_room.notify_all()
-                if late:  # a write stop() gave up waiting for: not back into a buffer nobody empties
-                    self.spiller.spill_or_drop(chunks)
-                    return
                 if ok:
+                    with self.lock:
+                        if not stop.over:
+                            adm.spill_failing = False
+                        adm.spill_room.notify_all()
                     attempt = 0
                     adm.worker_wake.set()  # the worker may replay it when idle
                     continue
+                if self._not_spilled(chunks, count, stop):
+                    return
                 delay = self.backoff.delay(attempt)
                 attempt += 1
                 if adm.state is not Lifecycle.RUNNING or stop.requested.wait(delay):
                     return  # stop() spills the buffer itself, or counts it dropped
             if adm.state is not Lifecycle.RUNNING:
                 return
+
+    def _not_spilled(self, chunks: list, count: int, stop: StopSignal, failing: bool = True) -> bool:
+        """A spill write failed (or crashed): the chunks go back to the front of the buffer, in order —
+        unless stop() has finished with this run's buffer (nobody empties it now, or it is a later run's):
+        then they are spilled again here, or counted dropped, and True says the thread's run is over."""
+        adm = self.admission
+        with self.lock:
+            late = stop.over
+            if late:
+                adm.spilled_locked(count)
+            else:
+                adm.spill_failing = adm.spill_failing or failing
+                adm.spill_failed_locked(chunks, count)
+            adm.spill_room.notify_all()
+        if late:
+            self.spiller.spill_or_drop(chunks)
+        return late

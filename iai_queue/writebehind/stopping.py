@@ -111,6 +111,7 @@ class StopSequence:
                 stuck = adm.spill_in_flight
                 rest = adm.take_spill_buffer_locked()
                 adm.set_locked(state=Lifecycle.STOPPED)
+                stop.over = True
                 self.closed.left_on_disk = own_files or bool(older) or bool(rest)
                 ledger.done_advanced.notify_all()
             if stuck:
