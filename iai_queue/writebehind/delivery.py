@@ -153,16 +153,12 @@ class Delivery:
 
     # -- in flight (lock held) ---------------------------------------------------------
 
-    def publish_locked(self, batch: Batch, stop: StopSignal, into: Optional[deque] = None) -> deque:
-        """``batch`` is in flight (appended to ``into``, when given). Raises Abandoned for an abandoned run."""
+    def publish_locked(self, batch: Batch, stop: StopSignal) -> None:
+        """``batch`` (taken from memory) is in flight. Raises Abandoned for an abandoned run."""
         _running_locked(stop)
-        into = deque() if into is None else into
-        into.append(batch)
-        if not into is self.in_flight:
-            self.current = batch
-        self.in_flight = into
+        self.in_flight = deque([batch])
         self.in_flight_on_disk = False
-        return into
+        self.current = batch
 
     def finish_locked(self, stop: StopSignal) -> None:
         """The run's batch is written. An abandoned run's record is stop()'s, maybe a later run's: untouched."""

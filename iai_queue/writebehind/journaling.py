@@ -302,6 +302,7 @@ class JournaledAdmission:
         out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
         return out
 
+
 def unjournaled_only(chunks: list, unjournaled: set[int], prefix: str) -> list:
     """Of ``chunks``, the calls (by seq) and pairs (by entry id ``<prefix><seq:x>.<i>``, for pairs taken over
     from the worker) in ``unjournaled``; pairs of other queues' ids are kept too."""
