@@ -244,7 +244,12 @@ def test_two_maintainers_overlapping_with_a_writer_lose_and_double_nothing(tmp_p
     for r in recs:
         ns = [e["n"] for e in a.get(r.id).provenance]
         assert ns == sorted(ns) and len(ns) == written[0] // 6
-    assert all("conflict" in str(exc).lower() for exc in failures), failures[:3]
+    # A run may be refused whole, two ways, both documented (store_maintenance): the other maintainer's
+    # commit came first (a conflict), or it pruned a version this run began from (not found; with a 1 s
+    # grace under CPU load a run outlives it). Nothing else.
+    unexpected = [exc for exc in failures
+                  if "conflict" not in str(exc).lower() and "not found" not in str(exc).lower()]
+    assert not unexpected, unexpected[:3]
 
 
 @pytest.mark.timeout(60)
