@@ -10,8 +10,10 @@ batch: gone, counted nowhere.
 
 Each test forces one interleaving with the real store: the store seam (a
 wrapper on ``append_provenance_batch``) holds writes and refuses one, and the
-old worker is parked at one point by wrapping one method on the queue's own
-parts. On the code before the fix each lost entry 3.
+old run's thread is parked at one point by wrapping one method on the queue's
+own parts. On the code before the fixes (e1c4d01, cfb8f72) the three in-flight
+tests lost entry 3, the replay test reordered, the spill-thread test found the
+old thread still running and the refill test left entries on disk.
 """
 
 from __future__ import annotations
