@@ -110,12 +110,6 @@ class WritesInFlight:
 WRITES_IN_FLIGHT = WritesInFlight()
 
 
-def _running_locked(stop: StopSignal) -> None:
-    """Raises Abandoned when ``stop()`` has given up on the run (read under the lock it is set under)."""
-    if stop.abandoned:
-        raise Abandoned
-
-
 class StillInFlight(Exception):
     """An earlier write of the same entry ids has not returned yet: retried like a store error."""
 
@@ -155,7 +149,7 @@ class Delivery:
 
     def publish_locked(self, batch: Batch, stop: StopSignal) -> None:
         """``batch`` (taken from memory) is in flight. Raises Abandoned for an abandoned run."""
-        _running_locked(stop)
+        stop.raise_if_abandoned()
         self.in_flight = deque([batch])
         self.in_flight_on_disk = False
         self.current = batch
@@ -172,7 +166,7 @@ class Delivery:
     def unfinished_locked(self, stop: StopSignal) -> Optional[ProvenanceBatch]:
         """The batch a crashed worker of this run left in flight (only in memory), to resume; None if there
         is none. Raises Abandoned for an abandoned run."""
-        _running_locked(stop)
+        stop.raise_if_abandoned()
         if not self.in_flight or self.in_flight_on_disk:
             return None
         for b in self.in_flight:
@@ -207,7 +201,7 @@ class Delivery:
         flight (a restarted worker).
         """
         with self.lock:
-            _running_locked(stop)
+            stop.raise_if_abandoned()
             if not resume and (self.in_flight is None or self.in_flight[0] is not batch):
                 self.in_flight = deque([batch])
                 self.in_flight_on_disk = True  # a replay: its pairs are safe in the claimed file
@@ -224,16 +218,14 @@ class Delivery:
         attempt = 0
         single_failures = 0
         while todo:
-            if stop.abandoned:  # stop() took the batch over: not one more write from here
-                raise Abandoned
+            stop.raise_if_abandoned()  # stop() took the batch over: not one more write from here
             b = todo[0]
             if verify:
                 b.verify = True
             error = self.try_write(b, stop)
             if error is None:
                 with self.lock:
-                    if stop.abandoned:
-                        raise Abandoned
+                    stop.raise_if_abandoned()
                     todo.popleft()
                 attempt = single_failures = 0
                 continue
@@ -335,13 +327,11 @@ class Delivery:
         exc = self.try_write(todo[0], stop)  # one last chance, now that the store is known good
         if exc is None:
             with self.lock:
-                if stop.abandoned:
-                    raise Abandoned
+                stop.raise_if_abandoned()
                 todo.popleft()
             return True
         with self.lock:
-            if stop.abandoned:
-                raise Abandoned
+            stop.raise_if_abandoned()
             poison = todo.popleft()
         self.quarantine_pairs(poison, f"store rejected: {type(exc).__name__}: {exc}", "poison")
         return True

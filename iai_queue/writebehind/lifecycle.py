@@ -70,9 +70,14 @@ class StopSignal:
         self.deadline = deadline
         self.requested.set()
 
-    def check(self) -> None:
+    def raise_if_abandoned(self) -> None:
+        """Raises Abandoned once stop() has given up on the run. A thread about to change what runs share
+        calls it under the queue's lock, which ``abandoned`` is set under: then nothing changes after."""
         if self.abandoned:
             raise Abandoned
+
+    def check(self) -> None:
+        self.raise_if_abandoned()
         if time.monotonic() >= self.deadline:
             raise GiveUp
 

@@ -108,8 +108,7 @@ class Worker:
             # 8000, so take more per commit (as Kafka's producer fills batch.size under load).
             room = self.cfg.backlog_batch_pairs
         with self.lock:
-            if stop.abandoned:
-                raise Abandoned
+            stop.raise_if_abandoned()
             pairs, eids, done = self.admission.take_locked(room, self.ids)
             batch = Batch(pairs, eids, done_seqs=done)
             self.delivery.publish_locked(batch, stop)
@@ -128,8 +127,7 @@ class Worker:
         if files_waiting(self.directory):
             return False  # ours are still on disk, or earlier files of our store wait for their replayer
         with self.lock:
-            if stop.abandoned:
-                raise Abandoned  # the spill buffer may be a later run's
+            stop.raise_if_abandoned()  # the spill buffer may be a later run's
             return adm.refill_locked(generation)
 
     def _maintain(self) -> None:
