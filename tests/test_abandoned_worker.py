@@ -66,9 +66,11 @@ class Turnstile:
         return self.real(pairs, records_cache=records_cache)
 
 
-def _park(obj, name: str, thread: threading.Thread, when=lambda *a: True, after: bool = False):
-    """Wrap ``obj.name`` on the instance: on ``thread``, when ``when(*args)``, wait for ``release`` (before
-    the call, or ``after`` it). Returns (parked, release) events."""
+def _park(monkeypatch, obj, name: str, thread: threading.Thread, when=lambda *a: True, after: bool = False,
+          returned=lambda out: True):
+    """Wrap ``obj.name`` (an instance's method or a module's function): on ``thread``, the first time
+    ``when(*args)``, wait for ``release`` — before the call, or ``after`` it when ``returned(result)``.
+    Returns (parked, release) events."""
     real = getattr(obj, name)
     parked, release = threading.Event(), threading.Event()
 
@@ -78,12 +80,12 @@ def _park(obj, name: str, thread: threading.Thread, when=lambda *a: True, after:
             parked.set()
             assert release.wait(30)
         out = real(*args, **kw)
-        if park and after:
+        if park and after and returned(out):
             parked.set()
             assert release.wait(30)
         return out
 
-    setattr(obj, name, wrapper)
+    monkeypatch.setattr(obj, name, wrapper)
     return parked, release
 
 
@@ -117,17 +119,8 @@ def test_an_abandoned_replay_never_marks_the_next_runs_batch_as_on_disk(store, r
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_batch_pairs=1, max_queue_size=1,
                              max_memory_pairs=64, spill_file_pairs=16, **FAST).start()
     old_worker = q._threads.worker
-    real_parse = replay_module.parse_file
-    parsed, release_old = threading.Event(), threading.Event()
-
-    def parse_file(path, stem):
-        out = real_parse(path, stem)
-        if threading.current_thread() is old_worker and not parsed.is_set():
-            parsed.set()
-            assert release_old.wait(30)
-        return out
-
-    monkeypatch.setattr(replay_module, "parse_file", parse_file)
+    # after parsing its spill file, before delivering it
+    parsed, release_old = _park(monkeypatch, replay_module, "parse_file", old_worker, after=True)
     try:
         turnstile.hold()
         q.enqueue([(rid, {"n": 0})])
@@ -149,7 +142,7 @@ def test_an_abandoned_replay_never_marks_the_next_runs_batch_as_on_disk(store, r
 
 
 @pytest.mark.timeout(60)
-def test_an_abandoned_worker_never_takes_the_next_runs_memory(store, records, spill_dir):
+def test_an_abandoned_worker_never_takes_the_next_runs_memory(store, records, spill_dir, monkeypatch):
     """The old worker is parked on its way into take(), after its last abandoned check, while stop()
     closes the queue; it comes back in the new run."""
     rid = records[0].id
@@ -158,7 +151,7 @@ def test_an_abandoned_worker_never_takes_the_next_runs_memory(store, records, sp
     adm = q._admission
     old_worker = q._threads.worker
     # take() asks whether two batches wait; only there, and only once the queue is closing
-    parked, release_old = _park(adm, "full_batch_waiting", old_worker,
+    parked, release_old = _park(monkeypatch, adm, "full_batch_waiting", old_worker,
                                 when=lambda n: n == 2 and adm.state is not Lifecycle.RUNNING)
     try:
         turnstile.hold()
@@ -185,7 +178,7 @@ def test_an_abandoned_worker_never_takes_the_next_runs_memory(store, records, sp
 
 
 @pytest.mark.timeout(60)
-def test_an_abandoned_worker_never_clears_the_next_runs_batch(store, records, spill_dir):
+def test_an_abandoned_worker_never_clears_the_next_runs_batch(store, records, spill_dir, monkeypatch):
     """The old worker's last write landed; it is parked between that and marking its batch finished,
     while stop() gives up on it and a new run starts."""
     rid = records[0].id
@@ -193,7 +186,7 @@ def test_an_abandoned_worker_never_clears_the_next_runs_batch(store, records, sp
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_batch_pairs=1, **FAST).start()
     old_worker = q._threads.worker
     # deliver() returned (the write landed); the worker is on its way to finish_locked()
-    parked, release_old = _park(q._delivery, "deliver", old_worker, after=True)
+    parked, release_old = _park(monkeypatch, q._delivery, "deliver", old_worker, after=True)
     try:
         q.enqueue([(rid, {"n": 0})])
         assert parked.wait(10), "the worker never delivered n=0"
@@ -261,7 +254,7 @@ def test_a_spill_thread_stop_gave_up_on_exits_instead_of_spilling_beside_the_nex
     turnstile = Turnstile(store)
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, max_queue_size=1, spill_file_pairs=1, **FAST).start()
     old_spill = q._threads.spill
-    parked, release_old = _park(q._spill, "write", old_spill)
+    parked, release_old = _park(monkeypatch, q._spill, "write", old_spill)
     try:
         turnstile.hold()
         q.enqueue([(rid, {"n": 0})])
@@ -298,17 +291,9 @@ def test_an_abandoned_journal_refill_puts_nothing_into_memory(store, records, sp
     q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", max_queue_size=2,
                              max_batch_pairs=1, **FAST).start()
     old_worker = q._threads.worker
-    real_read = journaling.read_backlog
-    parked, release_old = threading.Event(), threading.Event()
-
-    def read_backlog(*args, **kw):
-        out = real_read(*args, **kw)
-        if threading.current_thread() is old_worker and out[0] and not parked.is_set():
-            parked.set()
-            assert release_old.wait(30)
-        return out
-
-    monkeypatch.setattr(journaling, "read_backlog", read_backlog)
+    # the backlog read (records taken), not yet moved into memory
+    parked, release_old = _park(monkeypatch, journaling, "read_backlog", old_worker, after=True,
+                                returned=lambda out: bool(out[0]))
     try:
         turnstile.hold()
         q.enqueue([(rid, {"n": 0})])
