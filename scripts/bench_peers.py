@@ -5,13 +5,17 @@ worker writes them into its OWN real LanceDB store (a ``MemoryStore`` seeded
 the same way) through ``store.append_provenance_batch``. The method is
 ``bench_enqueue.py``'s: calls in bursts (``--burst`` calls, then a
 ``--pause-ms`` sleep) so the worker writes while the caller enqueues; the
-queues take turns in ``--rounds`` interleaved segments (the order rotated each
-round), each flushed before the next queue is measured, so machine drift hits
-all alike and only one worker writes at a time. Only the enqueue call is
+queues take turns in ``--rounds`` interleaved segments (the order shuffled each
+round, seeded by ``--seed``, so no queue always follows the same one), each
+written and settled before the next queue is measured — a persist-queue consumer
+has also acknowledged what it wrote — so machine drift hits all alike and only
+one worker works at a time. Only the enqueue call is
 timed. The queues and the exact call measured:
 
 ``iai``        ``ProvenanceWriteQueue(store).enqueue(pairs)``, record ids as ``UUID``
 ``iai_str``    the same, record ids as canonical UUID strings
+``iai_journal`` the same, UUID ids, ``durability="process"``: each call is a record in the
+               write-ahead journal before ``enqueue`` returns (issue 11)
 ``otel``       OpenTelemetry SDK ``opentelemetry.sdk._shared_internal.BatchProcessor.emit(pairs)``
                (the core of ``BatchLogRecordProcessor``/``BatchSpanProcessor``; >= 1.34) with an
                exporter that writes each exported batch
@@ -31,7 +35,11 @@ queued items where it has one. A peer whose package is missing is reported
 ``skipped: not installed`` (``pip install -e ".[bench]"`` installs them all).
 After the run the provenance rows of every store are counted against what was
 enqueued. Figures: p50/p99/p99.9/max (µs) per queue, iai_queue's p50 and p99
-over each peer's, the string/UUID ratio, and the issue's targets.
+over each peer's, the p50 of the first call after each pause (a recall server
+whose calls are spaced out sees this one: the caches went cold in the pause),
+the string/UUID ratio, the journal's speed-up over persist-queue
+(both write to disk before ``put`` returns; both consumers run), and the issues'
+targets.
 
     python scripts/bench_peers.py [--calls 20000] [--peers iai,otel,...] [--json PATH]
 """
@@ -41,6 +49,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import random
 import shutil
 import sys
 import tempfile
@@ -162,6 +171,12 @@ class Contender:
     def push(self) -> None:
         """Have the worker write what it holds now (a queue with a linger writes it by itself)."""
 
+    def settle(self, pairs: int, timeout: float) -> bool:
+        """Block until the worker has finished with the first ``pairs`` pairs it wrote (work it does after
+        the write, such as acknowledging), or ``timeout``; False on timeout. Nothing of one queue's work
+        may run while the next queue is measured."""
+        return True
+
     def close(self, timeout: float) -> None:
         raise NotImplementedError
 
@@ -177,11 +192,13 @@ def _missing(module: str) -> Optional[str]:
 class IaiQueue(Contender):
     key, label, package = "iai", "iai_queue ProvenanceWriteQueue.enqueue (UUID ids)", "iai_queue"
     string_ids = False
+    durability = "memory"
 
     def __init__(self, store, work):
         super().__init__(store, work)
         self.q = ProvenanceWriteQueue(store, spill_dir=work / "spill", coalesce_ms=LINGER_MS,
-                                      max_batch_pairs=BATCH, max_queue_size=QUEUE_BOUND).start()
+                                      max_batch_pairs=BATCH, max_queue_size=QUEUE_BOUND,
+                                      durability=self.durability).start()
         self.enqueue = self.q.enqueue
 
     def push(self) -> None:
@@ -198,6 +215,11 @@ class IaiQueue(Contender):
 class IaiQueueStringIds(IaiQueue):
     key, label = "iai_str", "iai_queue ProvenanceWriteQueue.enqueue (str ids)"
     string_ids = True
+
+
+class IaiQueueJournal(IaiQueue):
+    key, label = "iai_journal", "iai_queue enqueue, durability=\"process\" (journal)"
+    durability = "process"
 
 
 class OtelBatchProcessor(Contender):
@@ -367,6 +389,8 @@ class PersistQueueConsumer(Contender):
         self.q = self.open_queue(work)
         self.enqueue = self.q.put
         self.stop = threading.Event()
+        self.acknowledged_pairs = 0
+        self._acknowledged = threading.Condition()
         self.thread = threading.Thread(target=guarded(self.key, self.errors, self._consume),
                                        name=f"{self.key}-consumer", daemon=True)
         self.thread.start()
@@ -400,10 +424,17 @@ class PersistQueueConsumer(Contender):
                 pairs.extend(self.pairs_of(item))
             write(pairs)
             self.acknowledge(items)
+            with self._acknowledged:
+                self.acknowledged_pairs += len(pairs)
+                self._acknowledged.notify_all()
 
     @staticmethod
     def pairs_of(item) -> list:
         return item
+
+    def settle(self, pairs: int, timeout: float) -> bool:
+        with self._acknowledged:  # per-item acknowledgements trail each write by milliseconds
+            return self._acknowledged.wait_for(lambda: self.acknowledged_pairs >= pairs, timeout)
 
     def close(self, timeout: float) -> None:
         self.stop.set()
@@ -453,7 +484,7 @@ class PersistQueueSQLiteAck(PersistQueueConsumer):
 
 
 CONTENDERS: dict[str, type[Contender]] = {c.key: c for c in (
-    IaiQueue, IaiQueueStringIds, OtelBatchProcessor, SimpleQueueListener, SentryWorker,
+    IaiQueue, IaiQueueStringIds, IaiQueueJournal, OtelBatchProcessor, SimpleQueueListener, SentryWorker,
     PersistQueueFile, PersistQueueSQLiteAck)}
 
 
@@ -538,20 +569,26 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         target = enqueued[k] - queues[k].dropped()
         if not m.wait_for(target, args.drain_timeout) and k not in incomplete:
             incomplete[k] = f"{m.pairs} of {target} written after a {args.drain_timeout} s wait"
+        elif not queues[k].settle(target, args.drain_timeout) and k not in incomplete:
+            incomplete[k] = f"its worker had not settled {args.drain_timeout} s after writing"
         return busy, wall
 
     lat: dict[str, list[int]] = {k: [] for k in keys}
+    after_pause: dict[str, list[int]] = {k: [] for k in keys}  # each burst's first call
     busy = dict.fromkeys(keys, 0)
     wall = dict.fromkeys(keys, 0)
     for k in keys:  # warm-up, untimed
         segment(k, args.burst * 4, "w", [])
     per = args.calls // args.rounds
     sizes = [per + (1 if r < args.calls % args.rounds else 0) for r in range(args.rounds)]
+    order = random.Random(args.seed)
     t_run = time.perf_counter()
     for r, n in enumerate(sizes):
-        shift = r % len(keys)
-        for k in keys[shift:] + keys[:shift]:
-            b, w = segment(k, n, f"r{r}", lat[k])
+        for k in order.sample(keys, len(keys)):
+            seg_lat: list[int] = []
+            b, w = segment(k, n, f"r{r}", seg_lat)
+            lat[k] += seg_lat
+            after_pause[k] += seg_lat[::args.burst]
             busy[k] += b
             wall[k] += w
         print(f"\rround {r + 1}/{args.rounds}", end="", file=sys.stderr, flush=True)
@@ -570,6 +607,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         rows = stores[k].provenance_rows()
         errors = meters[k].errors + c.errors + ([incomplete[k]] if k in incomplete else [])
         fig = percentiles(lat[k])
+        fig["after_pause_p50"] = percentiles(after_pause[k]).get("p50")
         fig.update(label=c.label, version=version_of(c.package),
                    worker_busy_pct=round(100.0 * busy[k] / max(1, wall[k]), 1), writes=meters[k].calls,
                    enqueued=enqueued[k], dropped=c.dropped(), written=meters[k].pairs, rows=rows, errors=errors)
@@ -591,6 +629,18 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         if "iai_str" in qs:
             result["str_over_uuid"] = {q: round(qs["iai_str"][q] / base[q], 3) for q in ("p50", "p99", "p99.9")}
             targets["str_ids_le_1.5x_uuid"] = result["str_over_uuid"]["p50"] <= 1.5
+    journal = qs.get("iai_journal")
+    if journal and journal["n"]:
+        # Issue 11: how many times faster the journal's enqueue is than persist-queue's put (p50), and
+        # what the journal costs over memory mode.
+        result["journal_speedup"] = {k: round(qs[k]["p50"] / journal["p50"], 1)
+                                     for k in ("pq_file", "pq_sqlite") if k in qs and qs[k]["n"]}
+        if base and base["n"]:
+            result["journal_over_memory"] = round(journal["p50"] / base["p50"], 2)
+        for k, x in result["journal_speedup"].items():
+            targets[f"journal_p50_ge_100x_faster_than_{k}"] = x >= 100
+        targets["journal_p50_le_2us"] = journal["p50"] <= 2.0
+        targets["journal_p99_le_10us"] = journal["p99"] <= 10.0
     targets["every_queue_wrote_everything"] = all(v["ok"] for v in qs.values())
     result["targets"] = targets
     return result
@@ -606,14 +656,18 @@ def print_result(result: dict) -> None:
     for k, v in qs.items():
         o = over.get(k, {})
         rows.append([v["label"], v["version"], v.get("p50"), v.get("p99"), v.get("p99.9"), v.get("max"),
-                     v["worker_busy_pct"], v["writes"], o.get("p50"), o.get("p99")])
-    print_table(["queue", "version", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "worker busy %", "writes",
-                 "iai p50 / this", "iai p99 / this"], rows)
+                     v.get("after_pause_p50"), v["worker_busy_pct"], v["writes"], o.get("p50"), o.get("p99")])
+    print_table(["queue", "version", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "after a pause p50 µs",
+                 "worker busy %", "writes", "iai p50 / this", "iai p99 / this"], rows)
     for k, why in result["skipped"].items():
         print(f"{CONTENDERS[k].label}: skipped: {why}")
     if "str_over_uuid" in result:
         s = result["str_over_uuid"]
         print(f"string ids / UUID ids: p50 {s['p50']}x, p99 {s['p99']}x, p99.9 {s['p99.9']}x")
+    if "journal_speedup" in result:
+        print("journal (durability=\"process\") p50: "
+              + ", ".join(f"{x}x faster than {CONTENDERS[k].label}" for k, x in result["journal_speedup"].items())
+              + (f"; {result['journal_over_memory']}x memory mode" if "journal_over_memory" in result else ""))
     print("written (pairs enqueued / written by the worker / provenance rows in its store):")
     for k, v in qs.items():
         dropped = f" ({v['dropped']} dropped by the queue: full)" if v["dropped"] else ""

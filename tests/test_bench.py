@@ -71,7 +71,7 @@ def test_bench_peers_script_tiny(tmp_path):
                                           "--json", str(out)], tmp_path, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
-    expected_keys = {"iai", "iai_str", "otel", "simplequeue", "sentry", "pq_file", "pq_sqlite"}
+    expected_keys = {"iai", "iai_str", "iai_journal", "otel", "simplequeue", "sentry", "pq_file", "pq_sqlite"}
     assert set(data["queues"]) | set(data["skipped"]) == expected_keys
     for key in expected_keys:
         installed = _peer_installed(PEER_MODULES[key]) if key in PEER_MODULES else True
@@ -88,6 +88,9 @@ def test_bench_peers_script_tiny(tmp_path):
     assert data["iai_over"]["iai"]["p50"] == 1.0
     assert set(data["str_over_uuid"]) == {"p50", "p99", "p99.9"}
     assert {"p99_le_5us", "p99.9_le_25us", "str_ids_le_1.5x_uuid"} <= set(data["targets"])
+    ran_pq = [k for k in ("pq_file", "pq_sqlite") if k in data["queues"]]
+    assert set(data["journal_speedup"]) == set(ran_pq)
+    assert {f"journal_p50_ge_100x_faster_than_{k}" for k in ran_pq} | {"journal_p50_le_2us"} <= set(data["targets"])
     assert data["targets"]["every_queue_wrote_everything"] is True
     assert "every_queue_wrote_everything: met" in proc.stdout
 
