@@ -5,6 +5,7 @@ from uuid import UUID
 
 import pytest
 
+from _loss_helpers import drain
 from iai_queue import ProvenanceWriteQueue
 
 
@@ -109,3 +110,35 @@ def test_a_burst_after_idle_wakes_the_worker_once_and_every_entry_lands(store, r
         assert store.provenance_rows() == 300
     finally:
         q.stop()
+
+
+
+@pytest.mark.timeout(60)
+def test_one_pair_and_several_pair_calls_keep_their_order_through_memory_the_spill_and_a_restart(
+        store, records, gate, spill_dir):
+    # One-pair and several-pair calls, with UUID and string ids, interleave on every path: memory,
+    # overflow behind the spill, stop() giving up on a stuck write, replay by a new queue.
+    rid, other = records[0].id, records[1].id
+    q = ProvenanceWriteQueue(store, coalesce_ms=1, max_queue_size=8, max_batch_pairs=4, spill_dir=spill_dir)
+    q.start()
+    mine, total = [-1], 1
+    try:
+        q.enqueue([(rid, {"n": -1})])
+        assert gate.entered.wait(5)  # the worker holds its first write: memory fills, then the rest spills
+        for k in range(60):
+            n = total
+            if k % 3 == 2:
+                q.enqueue([(rid, {"n": n}), (other, {"n": n + 1}), (rid, {"n": n + 2})])
+                mine += [n, n + 2]
+                total += 3
+            else:
+                q.enqueue([(str(rid) if k % 2 else rid, {"n": n})])  # a UUID, or its string
+                mine.append(n)
+                total += 1
+        assert q.stats().spilled_pairs + q.stats().spill_buffered > 0
+        assert not q.stop(timeout=0.2)  # gives up on the stuck write: it and memory go to disk
+    finally:
+        gate.open()
+    drain(store, spill_dir)
+    assert [e["n"] for e in store.get(rid).provenance] == mine
+    assert store.provenance_rows() == total  # every entry of both records once: no duplicate row
