@@ -136,3 +136,26 @@ def test_bench_drain_backlog_tiny(tmp_path):
     assert data["raw"]["runs"][0]["landed"] == 3000 and data["raw"]["runs"][0]["writes"] == -(-3000 // 256)
     assert data["raw_large"]["runs"][0]["writes"] == 3  # 1024-row reference appends
     assert data["ok"] is True and "drain_ge_2x_raw_256_rows" in data["targets"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra", [[], ["--rusage"]])
+def test_bench_tail_script_tiny(tmp_path, extra):
+    out = tmp_path / "tail.json"
+    proc = _run_script("bench_tail.py", ["--calls", "400", "--rounds", "2", "--records", "20", "--dim", "8",
+                                         "--modes", "memory,process", "--json", str(out), *extra], tmp_path, timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert [m["mode"] for m in data["modes"]] == ["memory", "process"]
+    for m in data["modes"]:
+        assert m["calls"] == 400 and m["rows"] == 400 + 4 * 64  # the warm-up burst too: every call written
+        assert m["first_after_pause_p50"] > 0 and m["others"]["n"] == 400 - 2 * 4  # 200 calls a round: 4 bursts, 4 first calls
+        c = m["collections"]
+        assert c["on_caller"] + c["on_other_threads"] == sum(c["by_generation"].values())
+        assert sum(m["slowest_0.1pct"]["causes"].values()) == m["slowest_0.1pct"]["n"] == 1
+    assert "first call of a burst" in proc.stdout
+
+
+def test_bench_tail_usage_error_names_the_bad_mode(tmp_path):
+    proc = _run_script("bench_tail.py", ["--modes", "memory,nope"], tmp_path, timeout=30)
+    assert proc.returncode == 2 and "--modes 'memory,nope'" in proc.stderr
