@@ -13,4 +13,5 @@ $PY scripts/bench_memory.py --seconds "${SECONDS_MEM:-60}" --json "$OUT/memory.j
 # Issue 10; the peers come from the bench extra (pip install -e ".[bench]"), a missing one is skipped.
 $PY scripts/bench_peers.py --json "$OUT/peers.json"
 $PY scripts/bench_tail.py --json "$OUT/tail.json"
+$PY scripts/bench_alloc.py --json "$OUT/alloc.json"
 $PY scripts/bench_drain_backlog.py --json "$OUT/drain-backlog.json"

@@ -159,3 +159,17 @@ def test_bench_tail_script_tiny(tmp_path, extra):
 def test_bench_tail_usage_error_names_the_bad_mode(tmp_path):
     proc = _run_script("bench_tail.py", ["--modes", "memory,nope"], tmp_path, timeout=30)
     assert proc.returncode == 2 and "--modes 'memory,nope'" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_bench_alloc_script_tiny(tmp_path):
+    out = tmp_path / "alloc.json"
+    proc = _run_script("bench_alloc.py", ["--calls", "300", "--rounds", "1", "--records", "20", "--dim", "8",
+                                          "--json", str(out)], tmp_path, timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["rows"] == data["enqueued"] == 6 * 300 and data["errors"] == []  # 3 producers, idle and writing
+    assert set(data["p50_us"]) == {"0 tuples", "1 tuple", "2 tuples"}
+    assert all(v["worker_idle"] > 0 and v["worker_writing"] > 0 for v in data["p50_us"].values())
+    proc = _run_script("bench_alloc.py", ["--calls", "0"], tmp_path, timeout=30)
+    assert proc.returncode == 2 and "--calls must be >= 1, got 0" in proc.stderr
