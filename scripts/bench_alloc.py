@@ -8,11 +8,13 @@ in what they allocate per call:
 
 ``0 tuples``  append the caller's list itself (OTel's ``BatchProcessor.emit`` keeps the caller's object)
 ``1 tuple``   append a copy of it (``tuple(pairs)``)
-``2 tuples``  append ``(number, tuple(pairs))`` (iai_queue's memory-mode chunk: the copy and the chunk)
+``2 tuples``  append ``(next(number), tuple(pairs))`` (iai_queue's memory-mode chunk: the copy, and
+              the chunk with its sequence number)
 
-Each producer is measured alone (no worker writing) and with the worker
-writing, in ``--rounds`` interleaved rounds; p50 per producer and setting, and
-what each allocation adds. The rows of the store are counted at the end.
+Each producer is measured with the worker idle (it writes nothing until the
+segment is over) and with the worker writing, in ``--rounds`` rounds, the
+producers' order rotated each round; p50 per producer and setting. The rows of
+the store are counted at the end.
 
     python scripts/bench_alloc.py [--calls 20000] [--rounds 3] [--json PATH]
 """
@@ -39,12 +41,14 @@ BATCH = 256
 
 
 class Drain:
-    """One worker thread: waits for ``wake`` (or 50 ms), then writes what the deque holds, 256 pairs a write."""
+    """One worker thread: waits for ``wake`` (or 50 ms), then, while ``draining`` is set, writes what the
+    deque holds, 256 pairs a write. Cleared, the worker writes nothing (the idle setting)."""
 
     def __init__(self, store: MemoryStore):
         self.store = store
         self.pending: deque = deque()
         self.wake = threading.Event()
+        self.draining = threading.Event()
         self.written = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -57,7 +61,7 @@ class Drain:
         while not self._stop.is_set():
             self.wake.wait(0.05)
             self.wake.clear()
-            while pending:
+            while pending and self.draining.is_set():
                 pairs: list = []
                 while pending and len(pairs) < BATCH:
                     item = pending.popleft()
@@ -127,7 +131,12 @@ def main(argv=None) -> int:
         drain = Drain(store)
         for r in range(args.rounds):
             for writing in (False, True):
-                for name, produce in producers(drain, writing).items():
+                made = list(producers(drain, writing).items())
+                for name, produce in made[r % 3:] + made[:r % 3]:
+                    if writing:
+                        drain.draining.set()
+                    else:
+                        drain.draining.clear()
                     lists = [[(ids[i % len(ids)], {"ts": "2025-01-01T00:00:00+00:00", "cue": f"{r}{i}",
                                                    "session_id": "b"})] for i in range(args.calls)]
                     out = lat.setdefault((name, writing), [])
@@ -138,7 +147,8 @@ def main(argv=None) -> int:
                             out.append(clock() - t0)
                         time.sleep(pause)
                     enqueued += args.calls
-                    drain.wake.set()  # what is left (or, not writing, all of it) is written before the next one
+                    drain.draining.set()
+                    drain.wake.set()  # what is left (or, idle, all of it) is written before the next one
                     if not drain.wait_written(enqueued, 300):
                         raise RuntimeError(f"the worker wrote {drain.written} of {enqueued} pairs in 300 s")
         drain.close()

@@ -85,6 +85,7 @@ def test_bench_peers_script_tiny(tmp_path):
         assert q["ok"] is True and q["errors"] == []
         assert {"p50", "p99", "p99.9", "max"} <= set(q)
         assert set(data["iai_over"][key]) == {"p50", "p99", "p99.9", "max"}
+        assert q["after_pause_p50"] > 0  # each burst's first call, reported apart
     assert data["iai_over"]["iai"]["p50"] == 1.0
     assert set(data["str_over_uuid"]) == {"p50", "p99", "p99.9"}
     assert {"p99_le_5us", "p99.9_le_25us", "str_ids_le_1.5x_uuid"} <= set(data["targets"])
@@ -93,6 +94,7 @@ def test_bench_peers_script_tiny(tmp_path):
     assert {f"journal_p50_ge_100x_faster_than_{k}" for k in ran_pq} | {"journal_p50_le_2us"} <= set(data["targets"])
     assert data["targets"]["every_queue_wrote_everything"] is True
     assert "every_queue_wrote_everything: met" in proc.stdout
+    assert isinstance(data["config"]["order_seed"], int) and f"order seed {data['config']['order_seed']}" in proc.stdout
 
 
 @pytest.mark.timeout(60)
@@ -148,11 +150,15 @@ def test_bench_tail_script_tiny(tmp_path, extra):
     data = json.loads(out.read_text())
     assert [m["mode"] for m in data["modes"]] == ["memory", "process"]
     for m in data["modes"]:
-        assert m["calls"] == 400 and m["rows"] == 400 + 4 * 64  # the warm-up burst too: every call written
-        assert m["first_after_pause_p50"] > 0 and m["others"]["n"] == 400 - 2 * 4  # 200 calls a round: 4 bursts, 4 first calls
+        assert m["calls"] == 400 and m["rows"] == m["expected_rows"] == 400 + 4 * 64  # the warm-up too: all written
+        assert m["first_after_pause_p50"] > 0 and m["others"]["n"] == 400 - 2 * 4  # 200 calls a round: 4 first calls
         c = m["collections"]
         assert c["on_caller"] + c["on_other_threads"] == sum(c["by_generation"].values())
         assert sum(m["slowest_0.1pct"]["causes"].values()) == m["slowest_0.1pct"]["n"] == 1
+        if extra:
+            assert isinstance(m["calls_with_faults"], int) and isinstance(m["calls_with_switches"], int)
+        else:
+            assert m["calls_with_faults"] is None and "page fault" not in str(m["slowest_0.1pct"]["causes"])
     assert "first call of a burst" in proc.stdout
 
 
@@ -173,3 +179,29 @@ def test_bench_alloc_script_tiny(tmp_path):
     assert all(v["worker_idle"] > 0 and v["worker_writing"] > 0 for v in data["p50_us"].values())
     proc = _run_script("bench_alloc.py", ["--calls", "0"], tmp_path, timeout=30)
     assert proc.returncode == 2 and "--calls must be >= 1, got 0" in proc.stderr
+
+
+def test_bench_tail_collection_hook_tells_this_thread_from_another():
+    import gc
+    import threading
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_tail import Collections
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    hook = Collections()
+    gc.callbacks.append(hook)
+    try:
+        gc.collect(0)
+        other = threading.Thread(target=gc.collect, args=(0,))
+        other.start()
+        other.join(10)
+    finally:
+        gc.callbacks.remove(hook)
+    assert [g for _, _, g, _ in hook.done] == [0, 0]
+    (s1, e1, _, t1), (s2, e2, _, t2) = hook.done
+    me = threading.get_ident()
+    assert t1 == me != t2 and s1 <= e1 <= s2 <= e2
+    assert hook.overlapping(s1, e1 + 1, me) == "this thread"
+    assert hook.overlapping(s2, e2 + 1, me) == "another thread"
+    assert hook.overlapping(e2 + 1, e2 + 2, me) is None
