@@ -656,7 +656,8 @@ def print_result(result: dict) -> None:
     cfg, qs = result["config"], result["queues"]
     print(f"enqueue of a 1-pair call: {cfg['calls']} calls per queue, bursts of {cfg['burst']} every "
           f"{cfg['pause_ms']} ms, {cfg['rounds']} interleaved rounds (order seed {cfg['order_seed']}); "
-          f"each queue's worker writes into its own LanceDB store ({cfg['records']} records x {cfg['dim']}-d); batches <= {cfg['batch_pairs']} pairs")
+          f"each queue's worker writes into its own LanceDB store ({cfg['records']} records x {cfg['dim']}-d); "
+          f"batches <= {cfg['batch_pairs']} pairs")
     over = result.get("iai_over", {})
     rows = []
     for k, v in qs.items():
