@@ -1,4 +1,4 @@
-"""What one allocation per enqueue costs while a worker writes: the gap between iai_queue and OTel's ``emit``.
+"""What allocating per enqueue costs while a worker writes (OTel's ``emit`` allocates nothing, iai_queue two tuples).
 
 Not a queue of ours: three minimal producers of the same shape, each appending
 to a deque that one worker thread drains into a real LanceDB store in batches of
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {"benchmark": "alloc", "config": vars(args), "rows": rows, "enqueued": enqueued,
               "errors": drain.errors, "p50_us": {}}
-    print(f"p50 of one enqueue-shaped call, µs ({args.rounds} rounds x {args.calls} calls; worker writes into LanceDB)")
+    print(f"p50 of one enqueue-shaped call, µs ({args.rounds} rounds x {args.calls} calls; "
+          f"the worker writes into LanceDB)")
     print(f"{'producer':10}  {'worker idle':>11}  {'worker writing':>14}")
     for name in ("0 tuples", "1 tuple", "2 tuples"):
         idle, busy = (percentiles(lat[(name, w)])["p50"] for w in (False, True))

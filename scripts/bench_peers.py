@@ -37,10 +37,9 @@ queued items where it has one. A peer whose package is missing is reported
 After the run the provenance rows of every store are counted against what was
 enqueued. Figures: p50/p99/p99.9/max (µs) per queue, iai_queue's p50 and p99
 over each peer's, the p50 of the first call after each pause (a recall server
-whose calls are spaced out sees this one: the caches went cold in the pause),
-the string/UUID ratio, the journal's speed-up over persist-queue
-(both write to disk before ``put`` returns; both consumers run), and the issues'
-targets.
+whose calls are spaced out sees this one: cold caches, or a CPU waking from idle),
+the string/UUID ratio, the journal's speed-up over persist-queue (both write to
+disk before the call returns; all consumers run), and the issues' targets.
 
     python scripts/bench_peers.py [--calls 20000] [--peers iai,otel,...] [--json PATH]
 """
@@ -605,7 +604,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     result: dict = {"benchmark": "peers", "config": {
         "calls": args.calls, "burst": args.burst, "pause_ms": args.pause_ms, "rounds": args.rounds,
-        "records": args.records, "dim": args.dim, "seed": args.seed, "order_seed": args.order_seed, "batch_pairs": BATCH, "linger_ms": LINGER_MS,
+        "records": args.records, "dim": args.dim, "seed": args.seed, "order_seed": args.order_seed,
+        "batch_pairs": BATCH, "linger_ms": LINGER_MS,
         "queue_bound": QUEUE_BOUND, "python": sys.version.split()[0], "cpus": os.cpu_count()},
         "run_s": round(run_s, 1), "queues": {}, "skipped": skipped}
     for k in keys:

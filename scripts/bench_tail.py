@@ -1,4 +1,4 @@
-"""Where enqueue's tail comes from: the first call after a pause, and the GC collections the caller runs.
+"""Where enqueue's tail comes from: the first call after a pause, and what overlaps the slowest calls.
 
 Each mode (``--modes``, default memory and process) gets its own queue on a real
 LanceDB store, paced as ``bench_peers.py`` paces it (bursts of ``--burst`` calls,
@@ -6,8 +6,8 @@ then a ``--pause-ms`` sleep), the worker writing. Every call is timed, and a
 ``gc.callbacks`` hook records every collection while the calls are timed: when, which
 generation, on which thread (the calls' inputs are built before it is installed,
 and each call is recorded in lists of ints, so the harness allocates next to
-nothing the GC counts). With ``--rusage`` the calling thread's page faults and involuntary context
-switches are read around each call too (``getrusage(RUSAGE_THREAD)``, Linux,
+nothing the GC counts). With ``--rusage`` the calling thread's page faults and
+involuntary context switches are read around each call too (``getrusage(RUSAGE_THREAD)``, Linux,
 outside the timed span). Each reading allocates objects the GC counts, so then
 most collections start in the reading instead of in ``enqueue``: use it to see
 faults and switches, and the run without it to see collections.
@@ -17,8 +17,8 @@ Reported per mode:
   and p50/p99 of the others: what the pause costs the next call;
 - collections: how many ran on the calling thread and on others, by generation,
   and how long the caller's took (median, max);
-- the slowest 0.1 % of calls, each put down to what overlapped it: a collection,
-  a collection on the calling thread or on another, a page fault or an involuntary
+- the slowest 0.1 % of calls, each put down to what overlapped it: a collection
+  on the calling thread or on another, a page fault or an involuntary
   context switch (with ``--rusage``), or none of these.
 
     python scripts/bench_tail.py [--calls 20000] [--modes memory,process] [--rusage] [--json PATH]
@@ -157,7 +157,8 @@ def measure_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
 def print_mode(m: dict) -> None:
     a, o, c, s = m["all"], m["others"], m["collections"], m["slowest_0.1pct"]
     print(f"{m['mode']}: {m['calls']} calls ({m['rows']} rows written)")
-    print(f"  all calls              p50 {a['p50']} µs, p99 {a['p99']} µs, p99.9 {a['p99.9']} µs, max {a['max']} µs")
+    print(f"  all calls              p50 {a['p50']} µs, p99 {a['p99']} µs, p99.9 {a['p99.9']} µs, "
+          f"max {a['max']} µs")
     print(f"  first call of a burst  p50 {m['first_after_pause_p50']} µs (after the pause)")
     print(f"  the other calls        p50 {o['p50']} µs, p99 {o['p99']} µs")
     print(f"  collections            {c['on_caller']} on the calling thread (median {c['caller_median_us']} µs, "

@@ -145,7 +145,8 @@ def test_bench_drain_backlog_tiny(tmp_path):
 def test_bench_tail_script_tiny(tmp_path, extra):
     out = tmp_path / "tail.json"
     proc = _run_script("bench_tail.py", ["--calls", "400", "--rounds", "2", "--records", "20", "--dim", "8",
-                                         "--modes", "memory,process", "--json", str(out), *extra], tmp_path, timeout=110)
+                                         "--modes", "memory,process", "--json", str(out), *extra],
+                       tmp_path, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert [m["mode"] for m in data["modes"]] == ["memory", "process"]
