@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from iai_queue import MemoryStore  # noqa: E402
 from iai_queue.bench import percentiles, seed_store  # noqa: E402
+from iai_queue.cli import positive_int  # noqa: E402
 
 BATCH = 256
 
@@ -110,17 +111,15 @@ def producers(drain: Drain, writing: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=20_000, help="calls per producer, setting and round (default 20000)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--burst", type=int, default=64)
+    ap.add_argument("--calls", type=positive_int, default=20_000,
+                    help="calls per producer, setting and round (default 20000)")
+    ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--burst", type=positive_int, default=64)
     ap.add_argument("--pause-ms", type=float, default=1.0)
-    ap.add_argument("--records", type=int, default=1000)
-    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--records", type=positive_int, default=1000)
+    ap.add_argument("--dim", type=positive_int, default=384)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    for name in ("calls", "rounds", "burst", "records", "dim"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     work = Path(tempfile.mkdtemp(prefix="iai-bench-alloc-"))
     clock, pause = time.perf_counter_ns, args.pause_ms / 1000
     lat: dict = {}

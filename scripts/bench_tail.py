@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from iai_queue import MemoryStore, ProvenanceWriteQueue  # noqa: E402
 from iai_queue.bench import percentiles, seed_store  # noqa: E402
+from iai_queue.cli import positive_int  # noqa: E402
 
 MODES = ("memory", "process", "fsync-interval")
 
@@ -165,13 +166,6 @@ def print_mode(m: dict) -> None:
           f"max {c['caller_max_us']} µs), {c['on_other_threads']} on others; by generation {c['by_generation']}")
     print(f"  slowest 0.1 % ({s['n']} calls, from {s['slowest_us']} µs): "
           + ", ".join(f"{k}: {v}" for k, v in sorted(s["causes"].items(), key=lambda kv: -kv[1])))
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 def main(argv=None) -> int:

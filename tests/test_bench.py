@@ -179,7 +179,7 @@ def test_bench_alloc_script_tiny(tmp_path):
     assert set(data["p50_us"]) == {"0 tuples", "1 tuple", "2 tuples"}
     assert all(v["worker_idle"] > 0 and v["worker_writing"] > 0 for v in data["p50_us"].values())
     proc = _run_script("bench_alloc.py", ["--calls", "0"], tmp_path, timeout=30)
-    assert proc.returncode == 2 and "--calls must be >= 1, got 0" in proc.stderr
+    assert proc.returncode == 2 and "argument --calls: must be >= 1, got 0" in proc.stderr
 
 
 def test_bench_tail_collection_hook_tells_this_thread_from_another():
