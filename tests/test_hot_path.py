@@ -112,7 +112,6 @@ def test_a_burst_after_idle_wakes_the_worker_once_and_every_entry_lands(store, r
         q.stop()
 
 
-
 @pytest.mark.timeout(60)
 def test_one_pair_and_several_pair_calls_keep_their_order_through_memory_the_spill_and_a_restart(
         store, records, gate, spill_dir):

@@ -346,7 +346,6 @@ class JournalThread:
                 self.journal.warn.emit(log, logging.ERROR, "journal.sync_failed", key="sync", error=str(exc)[:300])
 
 
-
 def journal_parts(adm: Admission, lock: threading.Lock, ledger: Ledger, warn: RateLimiter, spill, ids, delivery,
                   cfg) -> tuple["JournaledAdmission", object, Callable]:
     """The journaled admission, the replayer of dead writers' journals, and the worker's idle hook."""
