@@ -2,7 +2,7 @@
 
 Each mode (``--modes``, default memory and process) gets its own queue on a real
 LanceDB store, paced as ``bench_peers.py`` paces it (bursts of ``--burst`` calls,
-then a ``--pause-ms`` sleep), the worker writing. Every call is timed, and a
+then a ``--pause-ms`` pause), the worker writing. Every call is timed, and a
 ``gc.callbacks`` hook records every collection while the calls are timed: when, which
 generation, on which thread (the calls' inputs are built before it is installed,
 and each call is recorded in lists of ints, so the harness allocates next to
@@ -11,6 +11,17 @@ involuntary context switches are read around each call too (``getrusage(RUSAGE_T
 outside the timed span). Each reading allocates objects the GC counts, so then
 most collections start in the reading instead of in ``enqueue``: use it to see
 faults and switches, and the run without it to see collections.
+
+``--pause`` says what the calling thread does in the pause, to tell apart what
+makes the next call slow:
+
+- ``sleep`` (default; what ``bench_peers.py`` and a real caller do): the thread
+  blocks, its core may go idle or run other threads;
+- ``spin``: it busy-waits on the clock, holding the GIL: the core stays busy and
+  its caches hold little else, and the worker runs no Python meanwhile;
+- ``hash``: it busy-waits hashing 64 KiB at a time (``hashlib.sha256``, which
+  releases the GIL): the core stays busy, the hashed data passes through its
+  caches, and the worker may run Python meanwhile.
 
 Reported per mode:
 - p50/p99/p99.9 of all calls; p50 of each burst's first call (after the pause)
@@ -21,13 +32,15 @@ Reported per mode:
   on the calling thread or on another, a page fault or an involuntary
   context switch (with ``--rusage``), or none of these.
 
-    python scripts/bench_tail.py [--calls 20000] [--modes memory,process] [--rusage] [--json PATH]
+    python scripts/bench_tail.py [--calls 20000] [--modes memory,process] [--pause sleep|spin|hash]
+                                 [--rusage] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import resource
 import shutil
@@ -47,6 +60,22 @@ from iai_queue.bench import percentiles, seed_store  # noqa: E402
 from iai_queue.cli import positive_int  # noqa: E402
 
 MODES = ("memory", "process", "fsync-interval")
+_HASHED = bytes(64 << 10)
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter_ns() + int(seconds * 1e9)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def _hash(seconds: float) -> None:
+    end = time.perf_counter_ns() + int(seconds * 1e9)
+    while time.perf_counter_ns() < end:
+        hashlib.sha256(_HASHED)  # the GIL is released while it hashes
+
+
+PAUSES = {"sleep": time.sleep, "spin": _spin, "hash": _hash}
 
 
 class Collections:
@@ -76,7 +105,7 @@ def measure_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
                              max_queue_size=4096, durability=mode).start()
     clock, usage = time.perf_counter_ns, resource.getrusage
     thread_usage = getattr(resource, "RUSAGE_THREAD", None)
-    pause = args.pause_ms / 1000
+    pause, pause_for = args.pause_ms / 1000, PAUSES[args.pause]
     # Per call, in lists of ints: a tuple per call would be the harness allocating what the GC counts.
     starts: list[int] = []
     ends: list[int] = []
@@ -105,7 +134,7 @@ def measure_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
                 if timed:
                     starts.append(t0)
                     ends.append(t1)
-            time.sleep(pause)
+            pause_for(pause)
         if not q.flush(120):
             raise RuntimeError(f"{mode}: flush timed out: {q.stats()}")
 
@@ -138,7 +167,7 @@ def measure_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
             (["involuntary switch"] if args.rusage and switches[k] else [])
         causes[" + ".join(found) or "none of these"] += 1
     return {
-        "mode": mode, "calls": len(lat), "rows": rows, "expected_rows": warm_up + len(lat),
+        "mode": mode, "pause": args.pause, "calls": len(lat), "rows": rows, "expected_rows": warm_up + len(lat),
         "all": percentiles(lat),
         "first_after_pause_p50": percentiles(first).get("p50"),
         "others": percentiles(rest),
@@ -157,7 +186,7 @@ def measure_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
 
 def print_mode(m: dict) -> None:
     a, o, c, s = m["all"], m["others"], m["collections"], m["slowest_0.1pct"]
-    print(f"{m['mode']}: {m['calls']} calls ({m['rows']} rows written)")
+    print(f"{m['mode']}: {m['calls']} calls ({m['rows']} rows written), pause: {m['pause']}")
     print(f"  all calls              p50 {a['p50']} µs, p99 {a['p99']} µs, p99.9 {a['p99.9']} µs, "
           f"max {a['max']} µs")
     print(f"  first call of a burst  p50 {m['first_after_pause_p50']} µs (after the pause)")
@@ -173,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=positive_int, default=20_000, help="enqueue calls per mode (default 20000)")
     ap.add_argument("--burst", type=positive_int, default=64, help="calls per burst (default 64)")
     ap.add_argument("--pause-ms", type=float, default=1.0, help="pause between bursts (default 1 ms)")
+    ap.add_argument("--pause", choices=sorted(PAUSES), default="sleep",
+                    help="what the caller does in the pause (default sleep; see the module doc)")
     ap.add_argument("--rounds", type=positive_int, default=4, help="segments per mode, each flushed (default 4)")
     ap.add_argument("--records", type=positive_int, default=1000)
     ap.add_argument("--dim", type=positive_int, default=384)

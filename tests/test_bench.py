@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,7 @@ def test_bench_drain_backlog_tiny(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("extra", [[], ["--rusage"]])
+@pytest.mark.parametrize("extra", [[], ["--rusage", "--pause", "hash"]])
 def test_bench_tail_script_tiny(tmp_path, extra):
     out = tmp_path / "tail.json"
     proc = _run_script("bench_tail.py", ["--calls", "400", "--rounds", "2", "--records", "20", "--dim", "8",
@@ -151,6 +152,7 @@ def test_bench_tail_script_tiny(tmp_path, extra):
     data = json.loads(out.read_text())
     assert [m["mode"] for m in data["modes"]] == ["memory", "process"]
     for m in data["modes"]:
+        assert m["pause"] == ("hash" if extra else "sleep")
         assert m["calls"] == 400 and m["rows"] == m["expected_rows"] == 400 + 4 * 64  # the warm-up too: all written
         assert m["first_after_pause_p50"] > 0 and m["others"]["n"] == 400 - 2 * 4  # 200 calls a round: 4 first calls
         c = m["collections"]
@@ -166,6 +168,21 @@ def test_bench_tail_script_tiny(tmp_path, extra):
 def test_bench_tail_usage_error_names_the_bad_mode(tmp_path):
     proc = _run_script("bench_tail.py", ["--modes", "memory,nope"], tmp_path, timeout=30)
     assert proc.returncode == 2 and "--modes 'memory,nope'" in proc.stderr
+    proc = _run_script("bench_tail.py", ["--pause", "nap"], tmp_path, timeout=30)
+    assert proc.returncode == 2 and "invalid choice: 'nap'" in proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_bench_tail_pauses_last_as_long_as_asked():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_tail import PAUSES
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    for kind, pause in PAUSES.items():
+        t0 = time.perf_counter()
+        pause(0.02)
+        assert 0.02 <= time.perf_counter() - t0 < 1.0, kind
 
 
 @pytest.mark.timeout(120)
