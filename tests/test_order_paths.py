@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from _loss_helpers import FAST, drain
+from _proc_helpers import wait_for
 from iai_queue import ProvenanceWriteQueue
 
 
@@ -402,3 +403,63 @@ def test_a_spill_write_that_fails_after_stop_gave_up_on_it_is_spilled_again_not_
     drain(store, spill_dir)
     assert _order(store, rid) == [0, 1, 2]
     assert store.provenance_rows() == 3
+
+
+class RefuseAll:
+    """Wraps ``store.append_provenance_batch``: every write fails, before writing anything, until ``heal()``."""
+
+    def __init__(self, store):
+        self.store = store
+        self.real = store.append_provenance_batch
+        store.append_provenance_batch = self
+
+    def __call__(self, pairs, records_cache=None):
+        raise ConnectionError("test: store down")
+
+    def heal(self) -> None:
+        self.store.append_provenance_batch = self.real
+
+
+def _disable_with_everything_in_the_journal(store, rid, spill_dir, n: int) -> RefuseAll:
+    """A write-ahead queue takes ``n`` calls while the store refuses every write, then is disabled: its
+    stop() (no exit drain in journal mode) leaves them all in its journal."""
+    down = RefuseAll(store)
+    store.enable_provenance_queue(spill_dir=spill_dir, durability="process", **FAST)
+    for i in range(n):
+        store.queue_provenance_batch([(rid, {"n": i})])
+    store.disable_provenance_queue(timeout=0.2)
+    assert any(p.name.endswith(".wal") for p in spill_dir.iterdir()), "nothing was left in the journal"
+    assert store.provenance_rows() == 0
+    return down
+
+
+@pytest.mark.timeout(60)
+def test_a_disabled_write_lands_behind_what_a_journaling_queue_left_in_its_journal(store, records, spill_dir):
+    """A review's find: the synchronous path looked for spill files only, so a write made after disabling
+    a write-ahead queue landed ahead of the calls that queue had left in its journal. It replays the
+    journal first now, on the caller's thread."""
+    rid = records[0].id
+    _disable_with_everything_in_the_journal(store, rid, spill_dir, 200).heal()
+    store.queue_provenance_batch([(rid, {"n": 200})])  # disabled: the synchronous path
+    assert _order(store, rid) == list(range(201))  # in the store now, and behind the journal's calls
+    assert store.provenance_rows() == 201
+    assert not any(p.name.endswith(".wal") for p in spill_dir.iterdir())
+
+
+@pytest.mark.timeout(60)
+def test_a_disabled_write_that_cannot_replay_the_journal_is_spilled_behind_it(store, records, spill_dir):
+    """The same, with the store still down at the disabled write: the entry is spilled behind the
+    journal, and the next queue lands both, in order."""
+    rid = records[0].id
+    down = _disable_with_everything_in_the_journal(store, rid, spill_dir, 50)
+    store.queue_provenance_batch([(rid, {"n": 50})])  # cannot replay, cannot write: spilled behind
+    assert store.provenance_rows() == 0
+    down.heal()
+    q = store.enable_provenance_queue(spill_dir=spill_dir, **FAST)
+    try:
+        wait_for(lambda: store.provenance_rows() >= 51, 20, what="the replay of the journal and the spill")
+        assert q.flush(5)
+    finally:
+        store.disable_provenance_queue()
+    assert _order(store, rid) == list(range(51))
+    assert store.provenance_rows() == 51

@@ -12,11 +12,13 @@ Guarantee 4 (order), the synchronous half: a write on the caller's thread goes t
 the store only when the spill directory holds nothing of this store that was
 accepted before it — asked of the directory at every write, not of a flag: files
 of any queue of this process (the store's toggle makes one queue after another,
-and a caller may still hold any of them), files of dead writers, and spill files
-still being written. What waits is replayed here first, under the directory's
+and a caller may still hold any of them), files of dead writers, spill files
+still being written, and journal segments that a stopped queue of this process
+or a dead writer left. What waits is replayed here first, under the directory's
 replay lock (one replayer at a time, so one run of files is never written side
-by side); when some of it cannot be (another replayer has it, the store fails),
-the entry is spilled behind it, named after every file there.
+by side), journal segments before spill files (a writer's spill lines are merged
+into its journal); when some of it cannot be (another replayer has it, the store
+fails), the entry is spilled behind it, named after every file there.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from ..spill import SpillDirectory
 from .admission import Admission
 from .chunks import Chunk, HeldChunk, chunk_parts, chunk_seq
 from .delivery import Delivery
+from .journal_replay import JournalsFirst
 from .ledger import Ledger
 from .lifecycle import Abandoned, GiveUp, Lifecycle, StopSignal
-from .replay import Replayer, files_waiting
 from .spilling import Spiller
 
 __all__ = ["CLOSING_WAIT_MARGIN_S", "ClosedRoute"]
@@ -48,7 +50,7 @@ class ClosedRoute:
     """Writes that arrive with the route closed. ``deadline()`` is the running stop's deadline."""
 
     def __init__(self, queue_lock: threading.Lock, admission: Admission, ledger: Ledger, ids: EntryIds,
-                 delivery: Delivery, spiller: Spiller, directory: SpillDirectory, replayer: Replayer,
+                 delivery: Delivery, spiller: Spiller, directory: SpillDirectory, replayer: JournalsFirst,
                  deadline: Callable[[], float], replay_budget_s: float):
         self.queue_lock = queue_lock
         self.admission = admission
@@ -110,8 +112,9 @@ class ClosedRoute:
         self.directory.release()
 
     def _nothing_earlier_on_disk(self) -> bool:
-        """True when no spill file of this store waits; replays what does here first (bounded)."""
-        if not files_waiting(self.directory):
+        """True when no spill file or journal segment of this store waits; replays what does here first
+        (bounded)."""
+        if not self.replayer.waiting():
             self.left_on_disk = False
             return True
         stop = StopSignal()
@@ -119,7 +122,7 @@ class ClosedRoute:
         try:
             while self.replayer.replay_some(stop, own_under_lock=True):
                 pass
-            self.left_on_disk = files_waiting(self.directory)
+            self.left_on_disk = self.replayer.waiting()
         except (GiveUp, Abandoned):
             return False
         except OSError as exc:  # the directory, never the caller's problem: spilled behind, replayed later

@@ -128,7 +128,7 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, orphans_first, spill,
                                    self._maintenance_call, warn, journal_idle)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
-        self._closed = ClosedRoute(lock, adm, ledger, ids, delivery, self._spiller, spill, replayer,
+        self._closed = ClosedRoute(lock, adm, ledger, ids, delivery, self._spiller, spill, orphans_first,
                                    deadline=lambda: self._stop.deadline, replay_budget_s=max(1.0, cfg.exit_timeout))
         self._spill_loop = SpillThread(lock, cfg, adm, self._spiller, backoff)
         self._warn = warn

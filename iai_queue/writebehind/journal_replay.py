@@ -52,7 +52,7 @@ from .journal_merge import CommitBuffer, Replayed, SpillMerges, decode_suffix
 from .ledger import Ledger
 from .lifecycle import StopSignal
 from .file_retries import UNREADABLE_SET_ASIDE_AFTER, FileRetries
-from .replay import StandaloneParts
+from .replay import StandaloneParts, files_waiting
 
 __all__ = ["JournalReplayer", "JournalsFirst", "memory_mode_replay"]
 
@@ -321,11 +321,19 @@ class JournalsFirst:
         self.journals = journals
         self.spill_files = spill_files
 
-    def replay_some(self, stop: StopSignal) -> bool:
+    def waiting(self) -> bool:
+        """Something on disk that a write made now would overtake: a spill file
+        (:func:`~iai_queue.writebehind.replay.files_waiting`) or an orphan journal segment (a stopped
+        queue's of this process, or a dead writer's)."""
+        return files_waiting(self.spill_files.directory) or bool(self.journals.orphans())
+
+    def replay_some(self, stop: StopSignal, own_under_lock: bool = False) -> bool:
+        """As :meth:`Replayer.replay_some <iai_queue.writebehind.replay.Replayer.replay_some>` (``own_under_lock``
+        is passed on to it), orphan journal segments first."""
         orphans = self.journals.orphans()
         if not orphans:  # the common case: one listing of the directory
-            return self.spill_files.replay_some(stop)
+            return self.spill_files.replay_some(stop, own_under_lock=own_under_lock)
         if self.journals.replay_some(stop):
             return True
         # Orphans left (one waiting for a retry, or another process replaying it): younger spill files wait.
-        return self.spill_files.replay_some(stop, before=stem_of(orphans[0]))
+        return self.spill_files.replay_some(stop, own_under_lock=own_under_lock, before=stem_of(orphans[0]))
