@@ -458,3 +458,30 @@ def test_rate_limiter_counts_what_it_suppressed(caplog):
     limiter.emit(lg, logging.WARNING, "write.failed", key="E", error="x")
     recs = of_event(caplog, "write.failed")
     assert [(r.error, getattr(r, "suppressed", 0)) for r in recs] == [("x", 0), ("y", 0), ("x", 4)]
+
+
+@pytest.mark.timeout(60)
+def test_status_and_replay_list_an_unreadable_file_and_go_on(capsys, tmp_path, store, records):
+    """A review's find: one directory, FIFO or symlink under a spill name made ``spill status`` and
+    ``spill replay`` fail whole (the good file beside it was not replayed). Each is listed with why it
+    cannot be read, and everything else goes on."""
+    d = tmp_path / "spill"
+    write(d / spill_name(store.path), line(records[0], 1))
+    (d / "dir.jsonl").mkdir()
+    os.mkfifo(d / "fifo.jsonl")
+    os.symlink(d / "nowhere", d / "link.jsonl")
+    code, out, err = run(capsys, "spill", "status", "--dir", str(d))
+    assert code == 0, err
+    assert "pending          1 file (0 claimed), 1 entry" in out
+    assert "unreadable       3 files" in out
+    assert "dir.jsonl  (not a regular file (d" in out and "fifo.jsonl  (not a regular file (p" in out
+    assert "link.jsonl  (not a regular file (l" in out
+    code, out, err = run(capsys, "spill", "status", "--dir", str(d), "--json")
+    data = json.loads(out)
+    assert (data["pending_files"], data["pending_entries"], data["unreadable_files"]) == (1, 1, 3)
+    code, _, err = run(capsys, "spill", "replay", "--store", str(store.path), "--dir", str(d))
+    assert code == 0, err
+    assert "3 files cannot be read: left alone" in err
+    assert entries(store, records[0]) == [{"n": 1}] and store.provenance_rows() == 1
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == ["dir.jsonl", "fifo.jsonl",
+                                                                                 "link.jsonl"]

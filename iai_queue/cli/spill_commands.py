@@ -109,6 +109,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         out(f"quarantined      {plural(d['quarantined_files'], 'file')}, {plural(d['quarantined_lines'], 'line')}")
         if d["tmp_files"]:
             out(f"being written    {plural(d['tmp_files'], 'file')}")
+        if d["unreadable_files"]:
+            out(f"unreadable       {plural(d['unreadable_files'], 'file')} (left alone by replay; see below)")
         if (journal_line := journal_summary(st, size)) is not None:
             out(journal_line)
         if st.files:
@@ -116,8 +118,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             out(f"{'STATE':<12} {'ENTRIES':>7} {'SIZE':>10} {'AGE':>7}  {'WRITER':<8} {'STORE':<8} FILE")
             for f in st.files:
                 writer = {True: "live", False: "gone", None: "-"}[f.writer_alive]
-                out(f"{f.state:<12} {f.entries:>7} {size(f.bytes):>10} {age(f.age_s):>7}  {writer:<8} "
-                    f"{f.store or '-':<8} {f.name}")
+                entries = "?" if f.problem is not None else f.entries
+                problem = f"  ({f.problem})" if f.problem is not None else ""
+                out(f"{f.state:<12} {entries:>7} {size(f.bytes):>10} {age(f.age_s):>7}  {writer:<8} "
+                    f"{f.store or '-':<8} {f.name}{problem}")
         if d["stores"]:
             out("")
             out("STORE     LOCATION")

@@ -77,6 +77,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tag = store.identity  # what the queue's spill names carry for this store
     record_store_location(spill_dir, store.path)  # only where the directory exists; never creates it
     files = [f for f in status(spill_dir).files if f.state in ("pending", "claimed", "journal")]
+    unreadable = [f for f in files if f.problem is not None]
+    files = [f for f in files if f.problem is None]
+    if unreadable:
+        err(f"{plural(len(unreadable), 'file')} cannot be read: left alone: "
+            + "; ".join(f"{f.name} ({f.problem})" for f in unreadable[:3])
+            + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""))
     ours = [f for f in files if f.store in (tag, None)]
     live = [f for f in ours if f.writer_alive]
     others = [f for f in files if f.store not in (tag, None)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class SpillFileInfo:
     store: Optional[str]  # store tag; None for a name this library did not write
     writer: Optional[str]
     writer_alive: Optional[bool]  # None: unknown (not our name, or the lock cannot be read)
+    problem: Optional[str] = None  # why it cannot be read (not a regular file, an I/O error); entries is 0 then
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class SpillStatus:
 
     def _of(self, *states: FileState) -> list[SpillFileInfo]:
         values = {s.value for s in states}
-        return [f for f in self.files if f.state in values]
+        return [f for f in self.files if f.state in values and f.problem is None]  # unreadable: counted apart
 
     def as_dict(self) -> dict:
         pending, quarantined = self._of(FileState.PENDING, FileState.CLAIMED), self._of(FileState.QUARANTINED)
@@ -61,6 +63,7 @@ class SpillStatus:
             "quarantined_files": len(quarantined),
             "quarantined_lines": sum(f.entries for f in quarantined),
             "tmp_files": len(self._of(FileState.TMP)),
+            "unreadable_files": sum(1 for f in self.files if f.problem is not None),
             "bytes": sum(f.bytes for f in self.files),
             "files": [{**f.__dict__, "age_s": round(f.age_s, 3)} for f in self.files],
         }
@@ -97,7 +100,9 @@ def status(path: os.PathLike[str] | str) -> SpillStatus:
     """Every spill, claimed, quarantined and temporary file of ``path``, oldest first.
 
     A missing directory is an empty spill. Raises NotADirectoryError for a
-    file, OSError when the directory cannot be read.
+    file, OSError when the directory cannot be read. A file that cannot be read
+    (a directory, FIFO or symlink under a spill name, an I/O error) is listed with
+    its ``problem``, never followed or opened blocking; replay leaves it alone too.
     """
     path = Path(path)
     try:
@@ -113,17 +118,24 @@ def status(path: os.PathLike[str] | str) -> SpillStatus:
             continue
         state, stem = known
         p = path / n
+        entries, problem = 0, None
         try:
-            st = p.stat()
-            entries = _count_entries(p, state)
+            st = p.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                problem = f"not a regular file ({stat.filemode(st.st_mode)}): not read"
+            else:
+                entries = _count_entries(p, state)
         except FileNotFoundError:
             continue  # replayed or renamed while we looked
+        except OSError as exc:
+            problem = f"cannot be read: {exc.strerror or exc}"
         parts = parse_name(stem)
         writer = parts.writer if parts else None
         if writer is not None and writer not in alive:
             alive[writer] = lock_held(path / writer_lock_name(writer))
         files.append(SpillFileInfo(n, state.value, entries, st.st_size, max(0.0, now - st.st_mtime),
-                                   parts.store if parts else None, writer, alive.get(writer) if writer else None))
+                                   parts.store if parts else None, writer, alive.get(writer) if writer else None,
+                                   problem))
     files.sort(key=lambda f: (stem_of(f.name), f.name))
     return SpillStatus(path, True, tuple(files))
 
