@@ -32,13 +32,13 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 from uuid import UUID, uuid4
 
 if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
+    from .location import StoreLocation
     from .store import MemoryStore
 
 __all__ = ["build_server", "add_arguments", "run", "DEFAULT_DIM"]
@@ -184,6 +184,7 @@ def _prepare(args: argparse.Namespace) -> tuple["MemoryStore", Callable[[str], A
     """Everything that can fail on bad input, before the server starts."""
     from .embedding import HashingEmbedder, check_embedding, load_embedder
     from .envconfig import queue_options_from_env
+    from .location import StoreLocation
     from .store import MemoryStore, default_store_path
 
     try:
@@ -196,14 +197,19 @@ def _prepare(args: argparse.Namespace) -> tuple["MemoryStore", Callable[[str], A
         raise _Usage(str(exc)) from None
     if args.store is not None and not args.store.strip():
         raise _Usage("--store must not be empty (leave it out for the default store)")
-    store_path = Path(args.store).expanduser() if args.store is not None else default_store_path()
-    if store_path.exists() and not store_path.is_dir():
-        raise _Usage(f"--store {str(store_path)!r} is a file, not a store directory")
+    try:
+        location = StoreLocation.parse(args.store if args.store is not None else default_store_path())
+    except (TypeError, ValueError) as exc:
+        raise _Usage(str(exc)) from None
+    options = dict(args.storage_options) if getattr(args, "storage_options", None) else None
+    store_path = location.local_path
+    if store_path is not None and store_path.exists() and not store_path.is_dir():
+        raise _Usage(f"--store {location.display!r} is a file, not a store directory")
     if args.dim is not None and args.dim < 2:
         raise _Usage(f"--dim must be an int >= 2, got {args.dim}")
     if not 0 < args.port < 65536:
         raise _Usage(f"--port must be between 1 and 65535, got {args.port}")
-    found = _existing_dim(store_path)
+    found = _existing_dim(location, options)
     if args.embedder:
         if args.dim is not None:
             raise _Usage("--dim is for the built-in embedder; a custom embedder's vectors set the size")
@@ -212,23 +218,33 @@ def _prepare(args: argparse.Namespace) -> tuple["MemoryStore", Callable[[str], A
             dim = len(check_embedding(embed("dimension probe"), source=f"embedder {args.embedder}"))
         except ValueError as exc:
             raise _Usage(str(exc)) from None
+        except Exception as exc:  # the host's own code: whatever it raises is a bad --embedder here
+            raise _Usage(f"embedder {args.embedder} failed on a probe text: {type(exc).__name__}: {exc}") from None
     else:
         dim = args.dim or found or DEFAULT_DIM
         embed = HashingEmbedder(dim)
     if found is not None and found != dim:
-        raise _Usage(f"store {str(store_path)!r} holds {found}-d embeddings; the embedder makes {dim}-d ones")
-    return MemoryStore(store_path, dim=dim), embed
+        raise _Usage(f"store {location.display!r} holds {found}-d embeddings; the embedder makes {dim}-d ones")
+    try:
+        return MemoryStore(location.uri, dim=dim, storage_options=options), embed
+    except OSError as exc:  # a local path that cannot be a directory (under a file, in /proc, no permission)
+        raise _Usage(f"cannot open the store {location.display!r}: {exc.strerror or exc}") from None
+    except Exception as exc:  # what LanceDB raises for an object store it cannot use
+        raise _Usage(f"cannot open the store {location.display!r}: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-def _existing_dim(path: Path) -> Optional[int]:
-    if not path.is_dir():
+def _existing_dim(location: "StoreLocation", storage_options: Optional[dict[str, str]]) -> Optional[int]:
+    """The embedding size of the store at ``location``, or None where there is none yet."""
+    if location.local_path is not None and not location.local_path.is_dir():
         return None
     import lancedb
 
     try:
-        table = lancedb.connect(path).open_table("records")
+        table = lancedb.connect(location.uri, storage_options=storage_options).open_table("records")
     except (ValueError, FileNotFoundError):
         return None
+    except Exception as exc:  # object storage unreachable, bad credentials, a bucket that does not exist
+        raise _Usage(f"cannot open the store {location.display!r}: {type(exc).__name__}: {str(exc)[:300]}") from None
     size = getattr(table.schema.field("embedding").type, "list_size", None)
     return size if isinstance(size, int) and size > 0 else None
 

@@ -176,6 +176,11 @@ def test_serve_usage_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["--store", str(tmp_path / "db"), "--dim", "1"], None, "--dim"),
         (["--store", str(tmp_path / "db")], {"IAI_QUEUE_MAX_QUEUE_SIZE": "lots"}, "IAI_QUEUE_MAX_QUEUE_SIZE='lots'"),
         (["--store", ""], None, "--store"),
+        # A review's finds: these were tracebacks (and the first created a directory under a file).
+        (["--store", str(tmp_path / "afile" / "db")], None, "cannot open the store"),
+        (["--store", str(tmp_path / "db"), "--embedder", "os:getcwd"], None, "failed on a probe text"),
+        (["--store", "ftp://host/db"], None, "unsupported scheme 'ftp'"),
+        ([], {"IAI_QUEUE_STORE": "ftp://host/db"}, "unsupported scheme 'ftp'"),
     ]
     MemoryStore(tmp_path / "db16", dim=16)
     cases.append((["--store", str(tmp_path / "db16"), "--dim", "32"], None, "holds 16-d embeddings"))
@@ -293,3 +298,27 @@ def test_streamable_http_transport_and_sigterm_drain(tmp_path):
     store = MemoryStore(tmp_path / "db", dim=DIM)
     assert provenance_keys(store, [rid]) == expected_keys(recalls)
     assert store.provenance_rows() == 3
+
+
+@pytest.mark.timeout(90)
+def test_serve_on_object_storage(tmp_path, s3_uri, s3_options):
+    """``--store s3://…`` with ``--storage-option``s (a review found ``serve`` took the URI for a local
+    path): the MCP client inserts, recalls and flushes against a real S3-compatible server."""
+    params = server_params(tmp_path, coalesce_ms="50")
+    params.args[params.args.index("--store") + 1] = s3_uri
+    for key, value in s3_options.items():
+        params.args += ["--storage-option", f"{key}={value}"]
+
+    async def main():
+        async with Client(stdio_client(params, errlog=open(os.devnull, "w"))) as client:
+            rid = (await call(client, "memory_insert", {"text": "the owl eats mice"}))["id"]
+            hits = (await call(client, "memory_recall", {"cue": "owl mice", "session_id": "s3"}))["hits"]
+            assert [h["id"] for h in hits] == [rid]
+            assert (await call(client, "queue_flush", {"timeout_s": 30}))["flushed"] is True
+            return rid
+
+    rid = anyio.run(main)
+    store = MemoryStore(s3_uri, dim=DIM, storage_options=s3_options)
+    assert [(p["cue"], p["session_id"]) for p in store.get(rid).provenance] == [("owl mice", "s3")]
+    assert store.provenance_rows() == 1
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # no local directory named after the URI

@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench.add_arguments(sub.add_parser("bench", help="benchmark enqueue and recall latency",
                                        description=plain_text(bench.__doc__.split("\n\n")[0])))
-    server.add_arguments(sub.add_parser("serve", help="run the reference MCP memory server (stdio by default)",
-                                        description=plain_text(server.__doc__.split("\n\n")[0])))
+    serve = sub.add_parser("serve", help="run the reference MCP memory server (stdio by default)",
+                           description=plain_text(server.__doc__.split("\n\n")[0]))
+    server.add_arguments(serve)
+    add_storage_option_argument(serve)  # a store on object storage (--store s3://…)
     spill = sub.add_parser("spill", help="inspect and repair the spill directory", description=SPILL_DOC,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_spill_commands(spill)
