@@ -485,3 +485,19 @@ def test_status_and_replay_list_an_unreadable_file_and_go_on(capsys, tmp_path, s
     assert entries(store, records[0]) == [{"n": 1}] and store.provenance_rows() == 1
     assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == ["dir.jsonl", "fifo.jsonl",
                                                                                  "link.jsonl"]
+
+
+def test_requeue_refuses_set_aside_journal_bytes_even_with_force(capsys, tmp_path, store):
+    """A review's find: ``requeue --force`` renamed a set-aside journal span (binary records) to a
+    ``.jsonl`` spill file, and removed its reason."""
+    d = tmp_path / "spill"
+    stem = spill_name(store.path, suffix="")
+    f = write(d / f"{stem}.failed-1763889999.wal", b"\x10\x00\x00\x00\xde\xad\xbe\xef torn journal bytes")
+    reason = write(d / f"{stem}.failed-1763889999.reason", b"bytes 0..37 of a segment: checksum mismatch\n")
+    for extra in ([], ["--force"]):
+        code, out, err = run(capsys, "spill", "requeue", *extra, str(f))
+        assert code == 1
+        one_line_error(err)
+        assert "set-aside journal bytes" in err and f"renaming it to {stem}.wal" in err
+    assert f.exists() and reason.exists()
+    assert sorted(p.name for p in d.iterdir()) == sorted([f.name, reason.name])

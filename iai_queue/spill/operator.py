@@ -175,12 +175,17 @@ def requeue(path: os.PathLike[str] | str, *, force: bool = False,
     The new name keeps the store tag of the file's original name (or takes
     ``store_path``'s), so only that store's queues replay it; a file of unknown
     store becomes ``<stem>.requeued-<ts>.jsonl``, which any store may replay.
-    Raises ValueError for a name that is not quarantined, or (unless
-    ``force``) a file with bad lines; the ``.reason`` file is removed.
+    Raises ValueError for a name that is not quarantined, for set-aside journal
+    bytes (``.wal``: even with ``force``), or (unless ``force``) a file with bad
+    lines; the ``.reason`` file is removed.
     """
     path = Path(path)
     if not is_quarantined_name(path.name):
         raise ValueError(f"{path.name} is not a quarantined file (<stem>.failed-<ts>.jsonl)")
+    if not path.name.endswith(".jsonl"):  # a set-aside journal segment or span: binary records, not lines
+        raise ValueError(f"{path.name} is set-aside journal bytes, not a spill file: requeue takes "
+                         f"<stem>.failed-<ts>.jsonl; a segment set aside because it could not be read goes "
+                         f"back by renaming it to {quarantined_stem(path.name)}.wal")
     bad = [r for r in inspect_file(path) if r.problem]
     if bad and not force:
         first = f"line {bad[0].lineno}: " if bad[0].lineno else ""
