@@ -68,3 +68,31 @@ def test_status_shows_the_store_of_each_file_and_replay_names_the_others(capsys,
     assert f"{(tmp_path / 'elsewhere').resolve()} ({store_tag(tmp_path / 'elsewhere')}): 1700000000000000001-" in err
     assert f"store {store_tag(tmp_path / 'unknown')} (location not recorded): 1700000000000000002-" in err
     assert store_tag(store.path) in store_locations(d)  # the replay named its own store too
+
+
+def test_a_store_on_object_storage_is_named_by_the_tag_its_queue_writes(capsys, tmp_path, s3_store, s3_options,
+                                                                        records, monkeypatch):
+    """A review's find: the map of a store on object storage was written under a tag hashed from the URI
+    taken for a local path (so it changed with the working directory) while the queue's files carry the
+    store's identity; ``status`` showed those files' store as "(not recorded)"."""
+    d = tmp_path / "spill"
+    d.mkdir()
+    s3_store.insert_many(records[:1])
+
+    def down(pairs, records_cache=None):
+        raise ConnectionError("test: store down")
+
+    s3_store.append_provenance_batch = down  # what the queue holds at stop() is spilled
+    monkeypatch.chdir(tmp_path)
+    q = s3_store.enable_provenance_queue(spill_dir=d, retry_initial_s=0.01, retry_max_s=0.05)
+    q.enqueue([(records[0].id, {"n": 1})])
+    s3_store.disable_provenance_queue(timeout=0.5)
+    (spilled,) = [p.name for p in d.iterdir() if p.name.endswith(".jsonl")]
+    assert f"-{s3_store.identity}-" in spilled
+    assert store_locations(d) == {s3_store.identity: s3_store.location}
+    assert store_tag(s3_store.path) == s3_store.identity
+    monkeypatch.chdir("/")
+    assert store_tag(s3_store.path) == s3_store.identity  # whatever the working directory
+    assert main(["spill", "status", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert f"{s3_store.identity}  {s3_store.location}" in out and "(not recorded)" not in out

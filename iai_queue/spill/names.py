@@ -28,6 +28,8 @@ from pathlib import Path
 import secrets
 from typing import NamedTuple, Optional
 
+from ..location import StoreLocation
+
 __all__ = ["FileState", "is_writer_of_this_process", "new_writer_name", "SpillName", "default_spill_dir", "file_state", "is_journal_name", "is_pending_name", "is_quarantined_name",
            "parse_name", "stem_of", "store_tag"]
 
@@ -61,10 +63,15 @@ def default_spill_dir() -> Path:
 
 
 def store_tag(store_path: os.PathLike[str] | str | None) -> str:
-    """Eight hex digits naming a store, for spill file names."""
+    """Eight hex digits naming a store, for spill file names: its
+    :attr:`StoreLocation.identity <iai_queue.location.StoreLocation.identity>` (of the resolved path, or of
+    an object-store URI without its credentials), the tag a queue of that store writes."""
     if store_path is None:
         return "00000000"
-    return hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:8]
+    try:
+        return StoreLocation.parse(store_path).identity
+    except ValueError:  # not a location a store could have (an unknown scheme): a tag all the same
+        return hashlib.sha1(str(Path(store_path).resolve()).encode()).hexdigest()[:8]
 
 
 def is_pending_name(name: str) -> bool:
