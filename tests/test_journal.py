@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -395,3 +396,141 @@ def test_backlog_keeps_memory_bounded_and_order(store, ids, spill_dir, gate):
     finally:
         q.stop(5)
     check_landed(store, ids, {0: 499})
+
+
+class StoreDown:
+    """Wraps ``store.append_provenance_batch``: every write fails, before writing anything, until ``heal()``."""
+
+    def __init__(self, store):
+        self.store, self.real = store, store.append_provenance_batch
+        store.append_provenance_batch = self
+
+    def __call__(self, pairs, records_cache=None):
+        raise ConnectionError("test: store down")
+
+    def heal(self) -> None:
+        self.store.append_provenance_batch = self.real
+
+
+def journaled_ns(spill_dir) -> set:
+    """The ``n`` of every entry in the journal segments on disk: what a SIGKILL now would leave."""
+    return {entry["n"] for p in spill_dir.glob("*.wal") for r in scan_segment(p).records for _, entry in r.items}
+
+
+@pytest.mark.timeout(60)
+def test_calls_after_a_fallback_that_spilled_are_journaled_once_the_disk_takes_them(store, ids, spill_dir,
+                                                                                     monkeypatch):
+    """A review's find: once a journal fallback had overflowed memory into the spill, every later call took
+    memory mode's path until the spill drained, which needs the store: held in memory only while the
+    journal worked again (a SIGKILL lost them), and not counted as fallbacks."""
+    real_append = JournalWriter.append_locked
+    failing = {"on": True}
+
+    def append(self, seq, items):
+        if failing["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real_append(self, seq, items)
+
+    down = StoreDown(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", max_queue_size=4,
+                             retry_max_s=0.05, retry_initial_s=0.01).start()
+    try:
+        monkeypatch.setattr(JournalWriter, "append_locked", append)
+        for n in range(20):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])  # memory, then the spill (the store is down)
+        fallbacks = q.stats().journal_fallbacks
+        assert fallbacks == 20 and q.stats().spill_buffered + q.stats().spilled_files > 0
+        failing["on"] = False
+        time.sleep(0.1)  # the journal's retry_s (retry_max_s: 0.05 s)
+        for n in range(20, 60):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        assert q.stats().journal_fallbacks == fallbacks + 1 or q.stats().journal_fallbacks == fallbacks
+        assert set(range(21, 60)) <= journaled_ns(spill_dir), "calls accepted with the journal working again " \
+                                                               "are not in it"
+    finally:
+        q.stop(0.2)
+    down.heal()
+    drain(store, spill_dir)
+    check_landed(store, ids, {0: 59})
+
+
+@pytest.mark.timeout(90)
+def test_a_call_that_waited_out_a_stop_is_journaled_in_the_run_started_right_after(store, ids, spill_dir):
+    """A review's find: calls that waited in the closed route while stop() drained, and found the queue
+    started again, went to memory only: written ahead of what the last run left in its journal, or lost
+    at the next stop (the store down: nothing spilled them). Here each waiting call looks at the state
+    only once the queue has been started again."""
+    from iai_queue.writebehind.lifecycle import Lifecycle
+
+    k = min(8, len(ids))
+    down = StoreDown(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", retry_initial_s=0.01,
+                             retry_max_s=0.05).start()
+    restarted = threading.Event()
+    drained = q._closed.wait_for_drain
+
+    def wait_for_drain_then_the_restart():
+        drained()
+        assert restarted.wait(20)
+        return q._admission.state
+
+    q._closed.wait_for_drain = wait_for_drain_then_the_restart
+    for i in range(k):
+        q.enqueue([(ids[i], {"c": i, "n": 0})])
+    stopper = threading.Thread(target=q.stop, args=(0.5,))
+    stopper.start()
+    wait_until(lambda: q._admission.state is Lifecycle.CLOSING, 10, "stop() to begin")
+    callers = [threading.Thread(target=q.enqueue, args=([(ids[i], {"c": i, "n": 1})],)) for i in range(k)]
+    for t in callers:
+        t.start()  # each waits in the closed route for the drain
+    stopper.join(20)
+    assert not stopper.is_alive()
+    q.start()
+    restarted.set()
+    for t in callers:
+        t.join(20)
+        assert not t.is_alive()
+    for i in range(k):
+        q.enqueue([(ids[i], {"c": i, "n": 2})])
+    assert q.stats().journal_fallbacks == 0
+    assert q.stop(0.2) is False  # the store is still down: all of it stays on disk
+    down.heal()
+    drain(store, spill_dir)
+    check_landed(store, ids[:k], {i: 2 for i in range(k)})  # c: the record's index
+
+
+@pytest.mark.timeout(60)
+def test_a_start_right_after_the_state_turns_stopped_waits_for_the_stop_to_let_go(store, ids, spill_dir):
+    """A review's find: stop() marked the queue STOPPED and let go of the spill directory's writer lock
+    after; a start() in between could not take that lock, so the new run's journal fell back to memory
+    mode (and its calls went ahead of the last run's journal), or took it and lost it to the release.
+    The start() now waits for the release."""
+    from iai_queue.spill.locks import lock_held
+    from iai_queue.spill.names import writer_lock_name
+
+    down = StoreDown(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", retry_initial_s=0.01,
+                             retry_max_s=0.05).start()
+    q.enqueue([(ids[0], {"c": 0, "n": 0})])
+    release = q._spill.release
+    starter = threading.Thread(target=q.start)
+
+    def release_after_a_start_was_asked_for():
+        if starter.ident is None:  # stop()'s release, the first one
+            starter.start()
+            starter.join(0.5)  # the fix: it waits for this release (bounded here either way)
+        release()
+
+    q._spill.release = release_after_a_start_was_asked_for
+    q.stop(0.2)
+    starter.join(20)
+    assert not starter.is_alive()
+    q.enqueue([(ids[0], {"c": 0, "n": 1})])
+    assert q.stats().journal_fallbacks == 0 and q.stats().journal_segments >= 1
+    # The new run holds the writer lock (a release after its start let go of it: its live journal
+    # looked dead to every other process).
+    assert lock_held(spill_dir / writer_lock_name(q._spill.writer)) is True
+    q.stop(0.2)
+    down.heal()
+    drain(store, spill_dir)
+    check_landed(store, ids[:1], {0: 1})

@@ -107,6 +107,7 @@ class JournalWriter:
         self.checkpointed = -1
         self.checkpointed_floor = 0  # the done-watermark retire() last saw: records at or below it need no copy
         self.closed = False
+        self.accepting = False  # admission journals calls into it: from its run's start until stop() begins
         self.dir_dirty = False  # a segment was created since the last fsync of the directory
         self.remaining_after_close = False
 

@@ -203,8 +203,9 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
             behind = adm.route is not Route.MEMORY or files_waiting(self._spill) \
                 or bool(self._journal_replayer.orphans())  # dead writers' journals: behind them too
             if self._journal is not None:  # write-ahead: behind them in the journal's backlog instead
-                self._journal.start(hold=behind or bool(self._journal_replayer.orphans()))
-                behind = False
+                hold = behind or bool(self._journal_replayer.orphans())
+                self._journal.start(hold=hold)
+                behind = hold and not self._journal.holding  # the journal did not open: memory mode's way
             self._spill.record_store()
             adm.set_locked(state=Lifecycle.RUNNING, route=Route.BEHIND_SPILL if behind else Route.MEMORY)
             self._threads.start(stop, self._worker_loop.run, self._spill_loop.run)
@@ -240,14 +241,18 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
     def _closed_route(self, chunk: Chunk) -> None:
         """A chunk that arrived with the route closed: a new queue's first use, or during or after stop()."""
         state = self._closed.wait_for_drain()
-        if state is Lifecycle.NEW:  # the first use starts the queue; the call goes through its enqueue
-            self.start()
+        if state is Lifecycle.NEW or (state is Lifecycle.RUNNING and self._journal is not None):
+            # The first use starts the queue. Or it was started again meanwhile, in a write-ahead mode: the
+            # call is journaled anew (a record's seq must exceed its segment's last), behind what the last
+            # run left on disk. Either way it goes through the bound enqueue; its first number is done with.
+            if state is Lifecycle.NEW:
+                self.start()
             pairs, _, _ = chunk_parts(chunk, self._ids)
             try:
-                self.enqueue(list(pairs))  # the bound one: journaled in a write-ahead mode
+                self.enqueue(list(pairs))
             finally:
                 with self._lock:
-                    self._ledger.mark_done((chunk_seq(chunk),))  # its first number is not used
+                    self._ledger.mark_done((chunk_seq(chunk),))
             return
         if state is Lifecycle.RUNNING:
             self._admission.readmit(chunk)  # keeps its seq: a fresh one would leave this one never done

@@ -23,7 +23,10 @@ When the journal cannot be written (ENOSPC, EROFS, a removed directory):
 the spill directory), counted in ``stats().journal_fallbacks`` and logged at
 ERROR (rate-limited); the journal is tried again after ``retry_s`` and
 journaling resumes once the disk takes it. Calls that arrive while a backlog
-waits are held behind it (``after_backlog``), so order is kept there too.
+waits are held behind it (``after_backlog``), so order is kept there too. When
+the fallback overflowed memory into the spill, the calls journaled after it
+wait in the backlog until the spill has gone back to memory or the store
+(``refill``): journaled, and behind the older calls.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from uuid import UUID
 from ..events import RateLimiter
 from ..journal import Durability, JournalWriter, Segment
 from ..pairs import known_id_strings, validate_pairs
-from .admission import Admission
+from .admission import Admission, Route
 from .chunks import HeldChunk, chunk_seq
 from .journal_backlog import REFILL_BYTES, as_chunks, read_backlog, segment_after
 from .ledger import Ledger
-from .lifecycle import StopSignal
+from .lifecycle import Lifecycle, StopSignal
 
 __all__ = ["JournaledAdmission", "JournalThread"]
 
@@ -67,7 +70,6 @@ class JournaledAdmission:
         self.max_queue_size = admission.max_queue_size
         self.max_memory_pairs = max_memory_pairs
         self.writer: JournalWriter = new_writer()
-        self.accepting = False  # the journal takes calls (set by start(), cleared by stop())
         self.backlog: Optional[tuple[Segment, int]] = None  # the first journaled call not in memory
         self.backlog_seq = 0  # calls up to this one are in memory already (or were)
         self.backlog_pairs = 0
@@ -101,22 +103,25 @@ class JournaledAdmission:
         if not items:
             return
         adm = self.adm
-        if not adm._fast:
+        fast = adm._fast
+        if not fast and adm.state is not Lifecycle.RUNNING:  # not started, or stop() began: the closed route
             adm._enqueue_locked((adm.next_seq(), items))
             return
         writer = self.writer
         lock = writer.lock
+        closed = False
         lock.acquire()  # not ``with``: its __exit__ call costs ~0.1 µs here
         try:
             seq = self.next_seq()
-            if self.accepting:
+            if writer.accepting:  # this run's writer, and stop() has not begun
                 try:
                     seg, offset = writer.append_locked(seq, items)
                 except (OSError, TypeError) as exc:
                     chunk = self._unjournaled_locked(seq, items, exc)
                 else:
                     pending = self.pending
-                    if self.backlog is None and len(pending) < self.max_queue_size:
+                    # Not fast while running: a fallback spilled, and this call waits on disk behind it.
+                    if fast and self.backlog is None and len(pending) < self.max_queue_size:
                         pending.append((seq, items))
                         if len(pending) >= adm.wake_threshold:
                             adm.wake_worker()  # and disarm: the rest of the burst does not set it again
@@ -126,11 +131,14 @@ class JournaledAdmission:
                         return
                     chunk = None
             else:
-                chunk = (seq, items)  # stop() began: the closed route takes it
-                self.unjournaled.add(seq)
+                # stop() began, or a later run's writer replaced the one read above: the closed route takes
+                # it (never memory: after a restart it would pass what the last run left in the journal).
+                chunk, closed = (seq, items), True
         finally:
             lock.release()
-        if chunk is not None:
+        if closed:
+            adm.on_closed(chunk)
+        elif chunk is not None:
             adm._enqueue_locked(chunk)
         elif not writer.wait_synced(seq, SYNC_WAIT_S):
             self.warn.emit(log, logging.ERROR, "journal.fsync_slow", key="fsync", wait_s=SYNC_WAIT_S)
@@ -172,11 +180,16 @@ class JournaledAdmission:
             self.warn.emit(log, logging.ERROR, "journal.failed", key="journal", error=str(exc)[:300],
                            reason="cannot open the journal: entries stay in memory until it can be written")
         with writer.lock:
-            self.accepting = True
+            writer.accepting = True
             self.hold = hold
             seg = writer.current
             if hold and seg is not None:
                 self.backlog, self.backlog_seq, self.backlog_since = (seg, seg.data_start), 0, time.monotonic()
+
+    @property
+    def holding(self) -> bool:
+        """New calls wait on disk, in the backlog (behind older entries on disk, or memory is full)."""
+        return self.backlog is not None
 
     def refill(self, stop: StopSignal, older_waiting: Callable[[], bool]) -> bool:
         """Memory is empty: move backlog calls from the journal into memory. True when it moved any.
@@ -188,6 +201,8 @@ class JournaledAdmission:
         with writer.lock:
             if not self._refilling_locked(stop, writer) or self.backlog is None:
                 return False
+            if self.adm.route is Route.BEHIND_SPILL:
+                return False  # a fallback's calls wait in the spill: older than the backlog's
             if self.hold:
                 if older_waiting():
                     return False
@@ -213,7 +228,7 @@ class JournaledAdmission:
         return bool(taken) or self.backlog is None
 
     def _refilling_locked(self, stop: StopSignal, writer: JournalWriter) -> bool:
-        return not stop.abandoned and self.accepting and self.writer is writer
+        return not stop.abandoned and writer.accepting and self.writer is writer
 
     def _advance_locked(self, seg: Segment, offset: int) -> None:
         writer = self.writer
@@ -244,7 +259,7 @@ class JournaledAdmission:
     def close_admission(self) -> list:
         """stop() began: no more journaled calls; returns the held calls (unjournaled) for stop() to spill."""
         with self.writer.lock:
-            self.accepting = False
+            self.writer.accepting = False
             held = list(self.after_backlog)
             self.after_backlog.clear()
             self.after_backlog_pairs = 0

@@ -120,9 +120,11 @@ class StopSequence:
                      "spills its pairs again itself")
             if rest:  # the spill thread did not get to them (or had gone)
                 self.spiller.spill_or_drop(rest)
+            # Under the closed route's lock, which start() takes too: a start() right after the state
+            # turned STOPPED must not take the writer lock before this run has let go of it.
+            self.directory.release()
         with self.lock:
             done = ledger.all_done()
-        self.directory.release()
         if self.closed.left_on_disk:
             emit(log, logging.WARNING, "exit.spilled", dir=str(self.directory.path))
         return done

@@ -25,7 +25,7 @@ from .config import QueueConfig
 from .delivery import Batch, Delivery
 from .ledger import Ledger
 from .lifecycle import Abandoned, GiveUp, Lifecycle, StopSignal
-from .replay import Replayer, files_waiting
+from .journal_replay import JournalsFirst
 
 __all__ = ["Worker"]
 
@@ -34,7 +34,7 @@ log = logging.getLogger("iai_queue.queue")
 
 class Worker:
     def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger, ids: EntryIds,
-                 admission: Admission, delivery: Delivery, replayer: Replayer, directory: SpillDirectory,
+                 admission: Admission, delivery: Delivery, replayer: JournalsFirst, directory: SpillDirectory,
                  maintain: Callable[[], Optional[Callable[[], Any]]], warn: RateLimiter,
                  journal_idle: Optional[Callable[[StopSignal], bool]] = None):
         self.lock = lock
@@ -124,8 +124,8 @@ class Worker:
         if adm.route is not Route.BEHIND_SPILL:
             return False
         generation = self.ledger.n["spilled_files"]
-        if files_waiting(self.directory):
-            return False  # ours are still on disk, or earlier files of our store wait for their replayer
+        if self.replayer.waiting():
+            return False  # ours are still on disk, or earlier files or journals of our store wait for their replayer
         with self.lock:
             stop.raise_if_abandoned()  # the spill buffer may be a later run's
             return adm.refill_locked(generation)
