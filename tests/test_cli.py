@@ -501,3 +501,17 @@ def test_requeue_refuses_set_aside_journal_bytes_even_with_force(capsys, tmp_pat
         assert "set-aside journal bytes" in err and f"renaming it to {stem}.wal" in err
     assert f.exists() and reason.exists()
     assert sorted(p.name for p in d.iterdir()) == sorted([f.name, reason.name])
+
+
+def test_replay_says_how_many_rows_it_added_when_some_entries_were_skipped(capsys, tmp_path, store, records):
+    """A review's find: "replayed 3 entries" when one of them was for a record the store does not have
+    (skipped, no row)."""
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    d = tmp_path / "spill"
+    write(d / spill_name(store.path), line(records[0], 1), line(SimpleNamespace(id=uuid4()), 2), line(records[1], 3))
+    code, _, err = run(capsys, "spill", "replay", "--store", str(store.path), "--dir", str(d))
+    assert code == 0, err
+    assert "replayed 3 entries into" in err and ": 2 rows added (the rest are for records" in err
+    assert store.provenance_rows() == 2

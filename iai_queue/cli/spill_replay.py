@@ -110,6 +110,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("iai-queue: %(levelname)s %(message)s"))
     handler.setLevel(logging.WARNING)
     pkg_log = logging.getLogger("iai_queue")
+    rows_before = store.provenance_rows()
     replayer = Replayer.for_store(store, spill_dir)
     counts = replayer.ledger.n
     left: list = []
@@ -137,7 +138,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     finally:
         pkg_log.removeHandler(handler)
     code = 0
-    err(f"replayed {counts['replayed'] + journals.replayed} entries into {store_path}")
+    replayed = counts["replayed"] + journals.replayed
+    added = store.provenance_rows() - rows_before  # other writers may add rows meanwhile: a hint, not a check
+    err(f"replayed {replayed} entries into {store_path}"
+        + (f": {added} rows added (the rest are for records the store does not have, or were already in it)"
+           if 0 <= added < replayed else ""))
     if counts["quarantined_lines"]:
         err(f"{plural(counts['quarantined_lines'], 'line')} quarantined: see iai-queue spill status --dir {spill_dir}")
         code = 1
