@@ -441,3 +441,29 @@ def test_control_threads_overflowing_a_slow_store_lose_nothing(store, records, s
         stop_quietly(q, 5)
     assert q.stats().spilled_pairs > 0 and q.stats().dropped == 0
     assert_verdict(judge(store, [r.id for r in records], ledger))
+
+
+@pytest.mark.timeout(60)
+def test_stop_answers_for_the_calls_made_before_it(store, records, spill_dir):
+    """A review's find: a call made during the drain (written behind it by its caller, after stop()
+    returned) made stop() return False, as if something had been left behind."""
+    from iai_queue.writebehind.lifecycle import Lifecycle
+
+    rid = records[0].id
+    gate = Gate(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, **FAST).start()
+    for n in range(3):
+        q.enqueue([(rid, {"n": n})])
+    assert gate.entered.wait(10)
+    answer = []
+    stopper = threading.Thread(target=lambda: answer.append(q.stop(timeout=20)))
+    stopper.start()
+    wait_for(lambda: q._admission.state is Lifecycle.CLOSING, 10, what="stop() to begin")
+    late = threading.Thread(target=q.enqueue, args=([(rid, {"n": 99})],))  # waits for the drain
+    late.start()
+    gate.open()
+    stopper.join(30)
+    late.join(30)
+    assert answer == [True]
+    assert [e["n"] for e in store.get(rid).provenance] == [0, 1, 2, 99] and store.provenance_rows() == 4
+    assert q.stop(1) is True  # a second stop(): everything so far is written

@@ -220,7 +220,9 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         """Drain, then stop. Blocks up to ``timeout`` seconds (default ``exit_timeout``) for the store.
 
         What the store has not taken by then is spilled. Returns True when
-        everything accepted was written. Idempotent; ``start()`` works again after.
+        everything accepted before it began was written (a call made during the
+        drain is written behind it by its own caller). Idempotent; ``start()``
+        works again after.
         """
         timeout = self._cfg.exit_timeout if timeout is None else timeout
         atexit.unregister(self._at_exit)

@@ -10,8 +10,9 @@ in one step with marking the queue stopped, after the spill thread's file in
 progress, and under the closed route's lock, so a closed-route write never sees
 the queue stopped before the file it must go behind is on disk. In write-ahead
 mode journaled calls stay in the journal and only the others are spilled. It
-returns True when everything accepted was written; a second ``stop()`` waits
-for a running one and returns its answer.
+returns True when everything accepted before it began was written (a call that
+came during the drain is its caller's to write, behind it); a second ``stop()``
+waits for a running one and returns whether everything so far is written.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class StopSequence:
             started = adm.state is Lifecycle.RUNNING
             # From now on enqueue takes the closed route: it waits for this drain, then writes behind it.
             adm.set_locked(state=Lifecycle.CLOSING, route=Route.CLOSED)
+            # What this stop answers for: calls numbered before it (later ones are their callers' to write).
+            before = ledger.next_seq()
+            ledger.mark_done((before,))
             stop, deadline = self.current_stop(), time.monotonic() + timeout
             stop.request(deadline)  # in the same step: a closed-route caller reads the deadline it waits on
         held_back = self.journal.close_admission() if self.journal is not None else []
@@ -124,7 +128,7 @@ class StopSequence:
             # turned STOPPED must not take the writer lock before this run has let go of it.
             self.directory.release()
         with self.lock:
-            done = ledger.all_done()
+            done = ledger.written_seq >= before
         if self.closed.left_on_disk:
             emit(log, logging.WARNING, "exit.spilled", dir=str(self.directory.path))
         return done
