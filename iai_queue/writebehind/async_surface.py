@@ -1,6 +1,7 @@
 """The anyio surface (asyncio and trio): blocking calls moved to worker threads.
 
-``enqueue`` stays a plain call (it never blocks on the store); ``aflush`` is
+``enqueue`` stays a plain call (it never blocks on the store; it does wait while
+a stop drains the queue, see README "Async hosts"); ``aflush`` is
 cancellable at once (a flush only waits); ``astop`` and ``async with`` run
 ``stop()`` on a worker thread, so a slow store never stalls the event loop.
 """
