@@ -534,3 +534,37 @@ def test_a_start_right_after_the_state_turns_stopped_waits_for_the_stop_to_let_g
     down.heal()
     drain(store, spill_dir)
     check_landed(store, ids[:1], {0: 1})
+
+
+@pytest.mark.timeout(60)
+def test_a_call_made_while_the_first_use_starts_the_queue_is_journaled(store, ids, spill_dir, monkeypatch):
+    """A review's find: a write-ahead call that found the queue not yet running went through admission's
+    own path; when another thread's start() finished in between, that path put it in memory only (not
+    journaled, and lost at a stop with the store down)."""
+    real_open = JournalWriter.open
+    in_open, go = threading.Event(), threading.Event()
+
+    def open_held(self):
+        in_open.set()
+        assert go.wait(20)
+        return real_open(self)
+
+    monkeypatch.setattr(JournalWriter, "open", open_held)
+    down = StoreDown(store)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", retry_initial_s=0.01,
+                             retry_max_s=0.05)
+    first = threading.Thread(target=q.enqueue, args=([(ids[0], {"c": 0, "n": 0})],))  # its first use: start()
+    first.start()
+    assert in_open.wait(20)
+    second = threading.Thread(target=q.enqueue, args=([(ids[0], {"c": 1, "n": 0})],))  # concurrent: its own c
+    second.start()
+    second.join(0.3)  # it waits for the start() (bounded here either way)
+    go.set()
+    for t in (first, second):
+        t.join(20)
+        assert not t.is_alive()
+    assert sum(len(r.items) for p in spill_dir.glob("*.wal") for r in scan_segment(p).records) == 2
+    assert q.stop(0) is False  # the store is down: both stay in the journal
+    down.heal()
+    drain(store, spill_dir)
+    check_landed(store, ids[:1], {0: 0, 1: 0}, across_children=False)

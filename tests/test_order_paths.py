@@ -463,3 +463,34 @@ def test_a_disabled_write_that_cannot_replay_the_journal_is_spilled_behind_it(st
         store.disable_provenance_queue()
     assert _order(store, rid) == list(range(51))
     assert store.provenance_rows() == 51
+
+
+@pytest.mark.timeout(90)
+def test_a_disabled_write_replays_a_large_journal_for_a_bounded_time_then_spills_behind(store, records,
+                                                                                         spill_dir, monkeypatch):
+    """A review's find: the disabled write replayed everything a write-ahead queue had left, on the
+    caller's thread, however long that took (the budget bounded only a failing store). It now stops
+    after the budget (a segment at a time), spills its entry behind the rest, and order holds."""
+    from conftest import slow_store
+    from iai_queue.writebehind import journaling
+
+    writer = journaling.JournalWriter
+    monkeypatch.setattr(journaling, "JournalWriter",
+                        lambda *a, **k: writer(*a, **{**k, "segment_bytes": 32 << 10}))  # many small segments
+    rid = records[0].id
+    n = 1500
+    down = RefuseAll(store)
+    store.enable_provenance_queue(spill_dir=spill_dir, durability="process", **FAST)
+    for i in range(n):
+        store.queue_provenance_batch([(rid, {"n": i})])
+    store.disable_provenance_queue(timeout=0.2)
+    segments = [p for p in spill_dir.iterdir() if p.name.endswith(".wal")]
+    assert len(segments) >= 4
+    down.heal()
+    slow_store(store, 0.4)  # each segment's replay takes a write of 0.4 s: more than the 1 s budget in all
+    store.queue_provenance_batch([(rid, {"n": n})])  # disabled: replays some, then spills behind the rest
+    assert [p for p in spill_dir.iterdir() if p.name.endswith(".wal")], "it replayed every segment first"
+    assert [p for p in spill_dir.iterdir() if p.name.endswith(".jsonl")], "its entry was not spilled behind"
+    drain(store, spill_dir, timeout=60)
+    assert _order(store, rid) == list(range(n + 1))
+    assert store.provenance_rows() == n + 1

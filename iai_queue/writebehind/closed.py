@@ -120,7 +120,9 @@ class ClosedRoute:
         stop = StopSignal()
         stop.deadline = time.monotonic() + self.replay_budget_s
         try:
-            while self.replayer.replay_some(stop, own_under_lock=True):
+            # Bounded by time too, not only when the store fails: a large journal left by a disabled
+            # write-ahead queue is replayed a segment at a time, and past the budget the entry spills behind.
+            while time.monotonic() < stop.deadline and self.replayer.replay_some(stop, own_under_lock=True):
                 pass
             self.left_on_disk = self.replayer.waiting()
         except (GiveUp, Abandoned):

@@ -104,8 +104,10 @@ class JournaledAdmission:
             return
         adm = self.adm
         fast = adm._fast
-        if not fast and adm.state is not Lifecycle.RUNNING:  # not started, or stop() began: the closed route
-            adm._enqueue_locked((adm.next_seq(), items))
+        if not fast and adm.state is not Lifecycle.RUNNING:
+            # Not started, or stop() began: the closed route, which journals it if the queue is (or is by
+            # then) running — never memory directly: a start() in between would leave it unjournaled there.
+            adm.on_closed((adm.next_seq(), items))
             return
         writer = self.writer
         lock = writer.lock
@@ -277,7 +279,8 @@ class JournaledAdmission:
             self.backlog = None
             self.backlog_pairs = 0
             self.hold = False
-        self.unjournaled.clear()
+        # Forget the ones that are done; a fallback call still on its way to memory stays known as unjournaled.
+        self.unjournaled = {s for s in self.unjournaled if s > done_seq}
         return bool(writer.remaining_after_close)
 
     # -- stats ------------------------------------------------------------------------------

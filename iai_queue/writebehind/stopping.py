@@ -11,8 +11,9 @@ progress, and under the closed route's lock, so a closed-route write never sees
 the queue stopped before the file it must go behind is on disk. In write-ahead
 mode journaled calls stay in the journal and only the others are spilled. It
 returns True when everything accepted before it began was written (a call that
-came during the drain is its caller's to write, behind it); a second ``stop()``
-waits for a running one and returns whether everything so far is written.
+came during the drain is written behind it by its caller, or, in write-ahead
+mode, may stay in the journal); a second ``stop()`` waits for a running one and
+returns whether everything so far is written.
 """
 
 from __future__ import annotations
