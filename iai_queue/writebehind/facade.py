@@ -125,7 +125,7 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
                 lock, ledger, spill, delivery, warn, cfg, ids.prefix, self._store,
                 held_behind=lambda: adm.route is Route.BEHIND_SPILL)
         orphans_first = JournalsFirst(self._journal_replayer, replayer)  # a dead writer's journal before its spill files
-        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, orphans_first, spill,
+        self._worker_loop = Worker(lock, cfg, ledger, ids, adm, delivery, orphans_first,
                                    self._maintenance_call, warn, journal_idle)
         self._spiller = Spiller(lock, ledger, ids, spill, quarantine, warn)
         self._closed = ClosedRoute(lock, adm, ledger, ids, delivery, self._spiller, spill, orphans_first,
@@ -221,8 +221,8 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
 
         What the store has not taken by then is spilled. Returns True when
         everything accepted before it began was written (a call made during the
-        drain is written behind it by its own caller). Idempotent; ``start()``
-        works again after.
+        drain is its caller's to write, behind it, or stays in the journal).
+        Idempotent; ``start()`` works again after.
         """
         timeout = self._cfg.exit_timeout if timeout is None else timeout
         atexit.unregister(self._at_exit)

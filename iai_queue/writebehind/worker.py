@@ -19,13 +19,12 @@ from typing import Any, Callable, Optional
 
 from ..events import RateLimiter
 from ..pairs import EntryIds
-from ..spill import SpillDirectory
 from .admission import Admission, Route
 from .config import QueueConfig
 from .delivery import Batch, Delivery
+from .journal_replay import JournalsFirst
 from .ledger import Ledger
 from .lifecycle import Abandoned, GiveUp, Lifecycle, StopSignal
-from .journal_replay import JournalsFirst
 
 __all__ = ["Worker"]
 
@@ -34,7 +33,7 @@ log = logging.getLogger("iai_queue.queue")
 
 class Worker:
     def __init__(self, lock: threading.Lock, cfg: QueueConfig, ledger: Ledger, ids: EntryIds,
-                 admission: Admission, delivery: Delivery, replayer: JournalsFirst, directory: SpillDirectory,
+                 admission: Admission, delivery: Delivery, replayer: JournalsFirst,
                  maintain: Callable[[], Optional[Callable[[], Any]]], warn: RateLimiter,
                  journal_idle: Optional[Callable[[StopSignal], bool]] = None):
         self.lock = lock
@@ -44,7 +43,6 @@ class Worker:
         self.admission = admission
         self.delivery = delivery
         self.replayer = replayer
-        self.directory = directory
         self.maintain = maintain  # returns the store's maintain(), looked up at call time, or None
         self.warn = warn
         self.journal_idle = journal_idle  # write-ahead mode: orphan journals, then the backlog (journaling.py)
