@@ -515,3 +515,25 @@ def test_replay_says_how_many_rows_it_added_when_some_entries_were_skipped(capsy
     assert code == 0, err
     assert "replayed 3 entries into" in err and ": 2 rows added (the rest are for records" in err
     assert store.provenance_rows() == 2
+
+
+def test_status_lists_a_file_it_cannot_even_stat(tmp_path, monkeypatch, store, records):
+    """An lstat that fails (EACCES; injected: the tests run as root) lists the file with the reason too."""
+    import errno
+
+    from iai_queue.spill import status
+
+    d = tmp_path / "spill"
+    bad = write(d / spill_name(store.path, n=1), line(records[0], 1))
+    write(d / spill_name(store.path, n=2), line(records[0], 2))
+    real = Path.lstat
+
+    def lstat(self):
+        if self.name == bad.name:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "lstat", lstat)
+    files = {f.name: f for f in status(d).files}
+    assert files[bad.name].problem == "cannot be read: Permission denied" and files[bad.name].entries == 0
+    assert status(d).as_dict()["pending_entries"] == 1 and status(d).as_dict()["unreadable_files"] == 1

@@ -118,7 +118,7 @@ def status(path: os.PathLike[str] | str) -> SpillStatus:
             continue
         state, stem = known
         p = path / n
-        entries, problem = 0, None
+        entries, problem, st = 0, None, None
         try:
             st = p.lstat()
             if not stat.S_ISREG(st.st_mode):
@@ -133,7 +133,8 @@ def status(path: os.PathLike[str] | str) -> SpillStatus:
         writer = parts.writer if parts else None
         if writer is not None and writer not in alive:
             alive[writer] = lock_held(path / writer_lock_name(writer))
-        files.append(SpillFileInfo(n, state.value, entries, st.st_size, max(0.0, now - st.st_mtime),
+        size, age_s = (st.st_size, max(0.0, now - st.st_mtime)) if st is not None else (0, 0.0)
+        files.append(SpillFileInfo(n, state.value, entries, size, age_s,
                                    parts.store if parts else None, writer, alive.get(writer) if writer else None,
                                    problem))
     files.sort(key=lambda f: (stem_of(f.name), f.name))
