@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["ENV_PREFIX", "QUEUE_ENV_OPTIONS", "EnvConfigError", "queue_options_from_env", "resolve_queue_options"]
+__all__ = ["ENV_PREFIX", "MAX_WAIT_S", "QUEUE_ENV_OPTIONS", "EnvConfigError", "queue_options_from_env", "resolve_queue_options"]
 
 ENV_PREFIX = "IAI_QUEUE_"
+MAX_WAIT_S = 365 * 86400.0  # the longest time option: a year (a wait beyond threading.TIMEOUT_MAX raises)
 
 
 class EnvConfigError(ValueError):
@@ -28,6 +29,20 @@ class EnvConfigError(ValueError):
 def _number(text: str) -> float:
     value = float(text)
     if math.isnan(value) or value < 0 or math.isinf(value):
+        raise ValueError
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if value > MAX_WAIT_S:
+        raise ValueError
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    value = _number(text)
+    if value > MAX_WAIT_S * 1000:
         raise ValueError
     return value
 
@@ -51,20 +66,20 @@ def _durability(text: str) -> str:
 
 # option -> (parser, what the value must be)
 QUEUE_ENV_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "coalesce_ms": (_number, "a finite number >= 0"),
+    "coalesce_ms": (_milliseconds, "a number of milliseconds from 0 to a year"),
     "max_batch_pairs": (_count, "an integer >= 1"),
     "max_queue_size": (_count, "an integer >= 1"),
     "max_memory_pairs": (_count, "an integer >= 1"),
     "spill_dir": (_path, "a directory path"),
-    "exit_timeout": (_number, "a finite number >= 0"),
-    "retry_initial_s": (_number, "a finite number >= 0"),
-    "retry_max_s": (_number, "a finite number >= 0"),
-    "idle_replay_s": (_number, "a finite number >= 0"),
+    "exit_timeout": (_seconds, "a number of seconds from 0 to a year"),
+    "retry_initial_s": (_seconds, "a number of seconds from 0 to a year"),
+    "retry_max_s": (_seconds, "a number of seconds from 0 to a year"),
+    "idle_replay_s": (_seconds, "a number of seconds from 0 to a year"),
     "replay_batch_pairs": (_count, "an integer >= 1"),
     "spill_file_pairs": (_count, "an integer >= 1"),
     "backlog_batch_pairs": (_count, "an integer >= 1"),
     "durability": (_durability, "one of memory, process, fsync-interval, fsync-always"),
-    "fsync_interval_ms": (_number, "a finite number >= 0"),
+    "fsync_interval_ms": (_milliseconds, "a number of milliseconds from 0 to a year"),
 }
 
 

@@ -81,15 +81,17 @@ class MaintenancePolicy:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("idle_s", "poll_s", "window_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            # A finite, positive time of at most a year (NaN fails the comparison; a wait past
+            # threading.TIMEOUT_MAX would raise in the maintenance thread).
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-3 <= value <= 365 * 86400.0:
+                raise ValueError(f"{name} must be a number of seconds from 0.001 to a year, got {value!r}")
 
     @classmethod
     def from_env(cls) -> "MaintenancePolicy":
         """``$IAI_QUEUE_MAINTENANCE`` = ``auto`` (default), ``always`` or ``never``."""
-        raw = os.environ.get("IAI_QUEUE_MAINTENANCE", "auto").strip().lower()
+        raw = os.environ.get("IAI_QUEUE_MAINTENANCE", "")
         try:
-            return cls(role=MaintenanceRole(raw))
+            return cls(role=MaintenanceRole(raw.strip().lower() or "auto"))  # empty: unset, as every IAI_QUEUE_*
         except ValueError:
             raise ValueError(f"IAI_QUEUE_MAINTENANCE={raw!r}: expected auto, always or never") from None
 

@@ -185,6 +185,7 @@ def _prepare(args: argparse.Namespace) -> tuple["MemoryStore", Callable[[str], A
     from .embedding import HashingEmbedder, check_embedding, load_embedder
     from .envconfig import queue_options_from_env
     from .location import StoreLocation
+    from .maintenance import MaintenancePolicy
     from .store import MemoryStore, default_store_path
 
     try:
@@ -193,6 +194,7 @@ def _prepare(args: argparse.Namespace) -> tuple["MemoryStore", Callable[[str], A
         raise _Usage('the MCP server needs the mcp extra: pip install "iai_queue[mcp]"') from None
     try:
         queue_options_from_env()  # a bad IAI_QUEUE_* value fails here, named
+        MaintenancePolicy.from_env()
     except ValueError as exc:
         raise _Usage(str(exc)) from None
     if args.store is not None and not args.store.strip():

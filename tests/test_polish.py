@@ -63,12 +63,47 @@ def test_a_queue_built_directly_reads_the_environment_too(monkeypatch, store):
 
 @pytest.mark.parametrize("name,value", [("IAI_QUEUE_COALESCE_MS", "fast"), ("IAI_QUEUE_COALESCE_MS", "-1"),
                                         ("IAI_QUEUE_EXIT_TIMEOUT", "nan"), ("IAI_QUEUE_MAX_QUEUE_SIZE", "0"),
-                                        ("IAI_QUEUE_MAX_BATCH_PAIRS", "2.5")])
+                                        ("IAI_QUEUE_MAX_BATCH_PAIRS", "2.5"),
+                                        # a review's finds: past a year, a wait raised in stop() or the worker
+                                        ("IAI_QUEUE_EXIT_TIMEOUT", "1e10"), ("IAI_QUEUE_COALESCE_MS", "1e300")])
 def test_a_bad_env_value_is_named(monkeypatch, store, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(EnvConfigError, match=f"{name}='{value}'"):
         store.enable_provenance_queue()
     assert store.provenance_queue is None
+
+
+@pytest.mark.parametrize("option", ["coalesce_ms", "exit_timeout", "retry_initial_s", "retry_max_s",
+                                    "idle_replay_s", "fsync_interval_ms"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e12, -1.0, True])
+def test_a_time_option_must_be_a_number_from_0_to_a_year(store, option, value):
+    """A review's find: NaN, inf and huge times were accepted as arguments, then a worker thread crashed
+    on every restart (coalesce_ms=inf) or stop() raised OverflowError (exit_timeout=1e10)."""
+    from iai_queue import ProvenanceWriteQueue
+
+    with pytest.raises(ValueError, match=f"{option} must be a number from 0 to .*, got {value!r}"):
+        ProvenanceWriteQueue(store, **{option: value})
+
+
+@pytest.mark.parametrize("option", ["idle_s", "poll_s", "window_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e-300, 0, True])
+def test_a_maintenance_time_must_be_a_number_from_a_millisecond_to_a_year(option, value):
+    """A review's find: poll_s=inf killed the maintenance thread silently (an OverflowError outside its
+    try), NaN passed as a time."""
+    from iai_queue.maintenance import MaintenancePolicy
+
+    with pytest.raises(ValueError, match=f"{option} must be a number of seconds from 0.001 to a year, got"):
+        MaintenancePolicy(**{option: value})
+
+
+def test_an_empty_maintenance_variable_is_unset_and_a_bad_one_is_named(monkeypatch):
+    from iai_queue.maintenance import MaintenancePolicy, MaintenanceRole
+
+    monkeypatch.setenv("IAI_QUEUE_MAINTENANCE", "  ")
+    assert MaintenancePolicy.from_env().role is MaintenanceRole.AUTO  # empty counts as unset, as for every variable
+    monkeypatch.setenv("IAI_QUEUE_MAINTENANCE", " Sometimes")
+    with pytest.raises(ValueError, match="IAI_QUEUE_MAINTENANCE=' Sometimes': expected auto, always or never"):
+        MaintenancePolicy.from_env()
 
 
 # -- the live queue ------------------------------------------------------------------------

@@ -181,6 +181,7 @@ def test_serve_usage_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["--store", str(tmp_path / "db"), "--embedder", "os:getcwd"], None, "failed on a probe text"),
         (["--store", "ftp://host/db"], None, "unsupported scheme 'ftp'"),
         ([], {"IAI_QUEUE_STORE": "ftp://host/db"}, "unsupported scheme 'ftp'"),
+        (["--store", str(tmp_path / "db")], {"IAI_QUEUE_MAINTENANCE": "sometimes"}, "IAI_QUEUE_MAINTENANCE='sometimes'"),
     ]
     MemoryStore(tmp_path / "db16", dim=16)
     cases.append((["--store", str(tmp_path / "db16"), "--dim", "32"], None, "holds 16-d embeddings"))

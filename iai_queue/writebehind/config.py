@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..envconfig import MAX_WAIT_S
 from ..journal import Durability
 from ..spill import default_spill_dir
 
@@ -27,8 +28,10 @@ __all__ = ["OptionsView", "QueueConfig"]
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    """A time option: a finite number from 0 to a year (in its unit: ``_ms`` names count milliseconds)."""
+    limit = MAX_WAIT_S * (1000 if name.endswith("_ms") else 1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= limit:
+        raise ValueError(f"{name} must be a number from 0 to {limit:g}, got {value!r}")  # NaN fails too
     return value
 
 
