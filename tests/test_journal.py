@@ -568,3 +568,40 @@ def test_a_call_made_while_the_first_use_starts_the_queue_is_journaled(store, id
     down.heal()
     drain(store, spill_dir)
     check_landed(store, ids[:1], {0: 0, 1: 0}, across_children=False)
+
+
+@pytest.mark.timeout(60)
+def test_stats_counters_never_go_down_while_the_backlog_refills_memory(store, ids, spill_dir):
+    """A review's find: stats() read memory under the queue's lock and the backlog under the writer's, so
+    pairs the refill moved between the two reads were counted in neither: ``accepted`` went down (a
+    counter reset to Prometheus' rate())."""
+    from conftest import slow_store
+
+    from iai_queue.metrics import METRICS, Kind
+
+    slow_store(store, 0.002)
+    q = ProvenanceWriteQueue(store, spill_dir=spill_dir, durability="process", max_queue_size=4,
+                             coalesce_ms=1).start()
+    counters = [m.field for m in METRICS if m.kind is Kind.COUNTER]
+    decreases, done = [], threading.Event()
+
+    def sample() -> None:
+        prev = q.stats()
+        while not done.is_set():
+            cur = q.stats()
+            decreases.extend((f, getattr(prev, f), getattr(cur, f)) for f in counters
+                             if getattr(cur, f) < getattr(prev, f))
+            prev = cur
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for n in range(200):
+            q.enqueue([(ids[n % len(ids)], {"c": 0, "n": n})])
+        assert q.flush(30)
+    finally:
+        done.set()
+        sampler.join(10)
+        q.stop(5)
+    assert not decreases, decreases[:5]
+    assert q.stats().accepted == 200 == store.provenance_rows()

@@ -306,15 +306,14 @@ class JournaledAdmission:
             return False
         return writer.wait_synced(target, timeout)
 
-    def stats(self, replayer) -> dict:
-        """The journal's fields of ``stats()``."""
+    def stats_locked(self, replayer) -> dict:
+        """The journal's fields of ``stats()`` (the writer's lock held)."""
         writer = self.writer
-        with writer.lock:
-            segments = [s for s in writer.segments if not s.unlinked]
-            out = dict(journal_fallbacks=self.fallbacks, journal_bytes=sum(s.size for s in segments),
-                       journal_segments=len(segments), journal_backlog=self.backlog_pairs,
-                       fsync_lag_s=round(writer.fsync_lag_s(), 6))
-            backlog_age = self.oldest_backlog_age_s()
+        segments = [s for s in writer.segments if not s.unlinked]
+        out = dict(journal_fallbacks=self.fallbacks, journal_bytes=sum(s.size for s in segments),
+                   journal_segments=len(segments), journal_backlog=self.backlog_pairs,
+                   fsync_lag_s=round(writer.fsync_lag_s(), 6))
+        backlog_age = self.oldest_backlog_age_s()
         mtime = replayer.oldest_orphan_mtime
         orphan_age = max(0.0, time.time() - mtime) if mtime is not None else 0.0
         out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
