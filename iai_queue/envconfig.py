@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["ENV_PREFIX", "MAX_WAIT_S", "QUEUE_ENV_OPTIONS", "EnvConfigError", "queue_options_from_env", "resolve_queue_options"]
+__all__ = ["ENV_PREFIX", "MAX_WAIT_S", "QUEUE_ENV_OPTIONS", "EnvConfigError", "queue_options_from_env",
+           "resolve_queue_options"]
 
 ENV_PREFIX = "IAI_QUEUE_"
 MAX_WAIT_S = 365 * 86400.0  # the longest time option: a year (a wait beyond threading.TIMEOUT_MAX raises)
