@@ -323,12 +323,12 @@ class JournalWriter:
         with self.synced:
             self.synced.notify_all()
 
-    # -- numbers for stats() ----------------------------------------------------------------
-
-    def fsync_lag_s(self) -> float:
-        if not self.durability.fsyncs or self.synced_seq >= self.appended_seq:
-            return 0.0
-        return time.monotonic() - self.synced_at
+    def stats_locked(self) -> dict:
+        """``journal_bytes``, ``journal_segments`` and ``fsync_lag_s`` (lock held)."""
+        segments = [s for s in self.segments if not s.unlinked]
+        lagging = self.durability.fsyncs and self.synced_seq < self.appended_seq
+        return dict(journal_bytes=sum(s.size for s in segments), journal_segments=len(segments),
+                    fsync_lag_s=round(time.monotonic() - self.synced_at, 6) if lagging else 0.0)
 
 
 from .format import crc32 as _crc  # noqa: E402  (bound once for the hot path)

@@ -44,7 +44,7 @@ from .lifecycle import Backoff, Lifecycle, StopSignal
 from .quarantine import Quarantine
 from .replay import Replayer, files_waiting
 from .spilling import Spiller, SpillThread
-from .stats import QueueStats
+from .stats import QueueStats, snapshot
 from .stopping import StopSequence
 from .threads import RunThreads
 from .worker import Worker
@@ -309,23 +309,6 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
                 ledger.flush_waiters -= 1
 
     def stats(self) -> QueueStats:
-        journal = self._journal
-        if journal is None:
-            return QueueStats(**self._queue_counts())
-        # The writer's lock, then the queue's (their order): the backlog's refill moves pairs into memory
-        # under the first, so one snapshot counts them in one place (a counter never goes down).
-        with journal.writer.lock:
-            counts = self._queue_counts()
-            counts.update(journal.stats_locked(self._journal_replayer))
-            counts["accepted"] += counts["journal_backlog"] + journal.after_backlog_pairs
-        return QueueStats(**counts)
-
-    def _queue_counts(self) -> dict:
-        ledger, adm = self._ledger, self._admission
-        with self._lock:
-            in_memory = adm.in_memory_pairs_locked()
-            pending = in_memory + self._delivery.in_memory_pairs_locked()
-            age = time.monotonic() - self._worker_loop.last_empty if pending else 0.0
-            return dict(accepted=ledger.taken + ledger.accepted_elsewhere + in_memory, pending=pending,
-                        spill_buffered=adm.spill_buffer_pairs + adm.spill_in_flight,
-                        oldest_pending_age_s=age, last_write_s=ledger.last_write_s, **ledger.n)
+        """A consistent snapshot of the counters (:mod:`.stats`); never blocks on the store."""
+        return snapshot(self._lock, self._ledger, self._admission, self._delivery,
+                        lambda: self._worker_loop.last_empty, self._journal, self._journal_replayer)

@@ -285,15 +285,6 @@ class JournaledAdmission:
 
     # -- stats ------------------------------------------------------------------------------
 
-    def waiting_pairs(self) -> int:
-        return self.backlog_pairs + self.after_backlog_pairs
-
-    def in_memory_pairs(self) -> int:
-        return self.after_backlog_pairs
-
-    def oldest_backlog_age_s(self) -> float:
-        return time.monotonic() - self.backlog_since if self.backlog is not None else 0.0
-
     def sync(self, timeout: float) -> bool:
         """Block until every call journaled before this one is fsynced; False on timeout or a failing disk."""
         writer = self.writer
@@ -308,16 +299,11 @@ class JournaledAdmission:
 
     def stats_locked(self, replayer) -> dict:
         """The journal's fields of ``stats()`` (the writer's lock held)."""
-        writer = self.writer
-        segments = [s for s in writer.segments if not s.unlinked]
-        out = dict(journal_fallbacks=self.fallbacks, journal_bytes=sum(s.size for s in segments),
-                   journal_segments=len(segments), journal_backlog=self.backlog_pairs,
-                   fsync_lag_s=round(writer.fsync_lag_s(), 6))
-        backlog_age = self.oldest_backlog_age_s()
         mtime = replayer.oldest_orphan_mtime
         orphan_age = max(0.0, time.time() - mtime) if mtime is not None else 0.0
-        out["oldest_unreplayed_age_s"] = max(backlog_age, orphan_age)
-        return out
+        backlog_age = time.monotonic() - self.backlog_since if self.backlog is not None else 0.0
+        return dict(self.writer.stats_locked(), journal_fallbacks=self.fallbacks, journal_backlog=self.backlog_pairs,
+                    oldest_unreplayed_age_s=max(backlog_age, orphan_age))
 
 
 def unjournaled_only(chunks: list, unjournaled: set[int], prefix: str) -> list:

@@ -1,10 +1,18 @@
-"""What ``stats()`` returns."""
+"""What ``stats()`` returns, and how one consistent snapshot of it is taken.
+
+Guarantee: the counters of one snapshot agree with each other, and a counter
+never goes down between snapshots. In write-ahead mode the backlog's refill
+moves pairs into memory under the journal writer's lock, so the snapshot holds
+that lock (then the queue's, their order) around both reads.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
-__all__ = ["QueueStats"]
+__all__ = ["QueueStats", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -17,7 +25,7 @@ class QueueStats:
     spill_buffered: int  # in memory, waiting for the spill directory
     spilled_files: int
     spilled_pairs: int
-    replayed: int  # pairs written from spill files
+    replayed: int  # pairs replayed from spill files and journals: handed to the store (written or skipped)
     quarantined_files: int
     quarantined_lines: int
     retries: int
@@ -40,3 +48,25 @@ class QueueStats:
     def as_dict(self) -> dict:
         """The fields as a plain dict (for JSON, metrics, logs)."""
         return asdict(self)
+
+
+def snapshot(lock, ledger, admission, delivery, last_empty: Callable[[], float], journal: Optional[Any] = None,
+             replayer: Optional[Any] = None) -> QueueStats:
+    """One queue's :class:`QueueStats` (``journal``, ``replayer``: write-ahead mode's parts)."""
+
+    def queue_counts() -> dict:
+        with lock:
+            in_memory = admission.in_memory_pairs_locked()
+            pending = in_memory + delivery.in_memory_pairs_locked()
+            age = time.monotonic() - last_empty() if pending else 0.0
+            return dict(accepted=ledger.taken + ledger.accepted_elsewhere + in_memory, pending=pending,
+                        spill_buffered=admission.spill_buffer_pairs + admission.spill_in_flight,
+                        oldest_pending_age_s=age, last_write_s=ledger.last_write_s, **ledger.n)
+
+    if journal is None:
+        return QueueStats(**queue_counts())
+    with journal.writer.lock:
+        counts = queue_counts()
+        counts.update(journal.stats_locked(replayer))
+        counts["accepted"] += counts["journal_backlog"] + journal.after_backlog_pairs
+    return QueueStats(**counts)
