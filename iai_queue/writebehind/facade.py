@@ -295,8 +295,7 @@ class ProvenanceWriteQueue(OptionsView, AsyncSurface):
         """
         ledger, adm = self._ledger, self._admission
         with self._lock:
-            target = ledger.next_seq()  # every call enqueued before us has a smaller number
-            ledger.mark_done((target,))
+            target = ledger.boundary()  # every call enqueued before us has a smaller number
             if ledger.written_seq >= target or adm.state is Lifecycle.STOPPED:
                 return ledger.written_seq >= target
             ledger.flush_waiters += 1

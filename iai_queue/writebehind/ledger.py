@@ -75,10 +75,15 @@ class Ledger:
             self.written_seq = w
             self.done_advanced.notify_all()
 
-    def all_done(self) -> bool:
-        """Is every call numbered so far done?"""
+    def boundary(self) -> int:
+        """A number drawn now and done at once: the calls numbered before it are every call so far."""
         now = self.next_seq()
         self.mark_done((now,))
+        return now
+
+    def all_done(self) -> bool:
+        """Is every call numbered so far done?"""
+        now = self.boundary()  # before written_seq is read: marking it done may advance that
         return self.written_seq >= now
 
     def count(self, **deltas: int) -> None:

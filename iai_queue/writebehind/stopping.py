@@ -80,8 +80,7 @@ class StopSequence:
             # From now on enqueue takes the closed route: it waits for this drain, then writes behind it.
             adm.set_locked(state=Lifecycle.CLOSING, route=Route.CLOSED)
             # What this stop answers for: calls numbered before it (later ones are their callers' to write).
-            before = ledger.next_seq()
-            ledger.mark_done((before,))
+            before = ledger.boundary()
             stop, deadline = self.current_stop(), time.monotonic() + timeout
             stop.request(deadline)  # in the same step: a closed-route caller reads the deadline it waits on
         held_back = self.journal.close_admission() if self.journal is not None else []
