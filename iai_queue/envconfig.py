@@ -34,18 +34,19 @@ def _number(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = _number(text)
-    if value > MAX_WAIT_S:
-        raise ValueError
-    return value
+def _time_up_to(limit: float) -> Callable[[str], float]:
+    """A parser of a time option: a finite number from 0 to ``limit`` (in the option's unit)."""
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value > limit:
+            raise ValueError
+        return value
+
+    return parse
 
 
-def _milliseconds(text: str) -> float:
-    value = _number(text)
-    if value > MAX_WAIT_S * 1000:
-        raise ValueError
-    return value
+_seconds, _milliseconds = _time_up_to(MAX_WAIT_S), _time_up_to(MAX_WAIT_S * 1000)
 
 
 def _count(text: str) -> int:

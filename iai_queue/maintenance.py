@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
+from .envconfig import MAX_WAIT_S
 from .events import RateLimiter, emit
 
 try:
@@ -83,7 +84,7 @@ class MaintenancePolicy:
             value = getattr(self, name)
             # A finite, positive time of at most a year (NaN fails the comparison; a wait past
             # threading.TIMEOUT_MAX would raise in the maintenance thread).
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-3 <= value <= 365 * 86400.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-3 <= value <= MAX_WAIT_S:
                 raise ValueError(f"{name} must be a number of seconds from 0.001 to a year, got {value!r}")
 
     @classmethod
